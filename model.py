@@ -253,6 +253,12 @@ class Transformer(nn.Module):
     def cache_bytes(self) -> int:
         return sum(layer.attn.cache.nbytes() for layer in self.layers)
 
+    def fingerprint(self) -> dict:
+        """Shapes plus a checksum of the first layer's key weights: what a checkpoint must match to be applied."""
+        a, w = self.args, self.layers[0].attn.k_proj.weight
+        return {"n_layers": a.n_layers, "n_kv_heads": a.n_kv_heads, "head_dim": a.head_dim, "dim": a.dim,
+                "vocab_size": a.vocab_size, "k_proj_checksum": float(f"{float(w.double().abs().sum()):.3g}")}
+
     def forward(self, tokens: torch.Tensor, pos: int = 0, hidden_only: bool = False) -> torch.Tensor:
         """tokens (B, T) at absolute positions [pos, pos+T) -> logits (B, T, vocab) (or final hidden states)."""
         if self.layers[0].attn.cache is None and pos != 0:
