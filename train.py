@@ -83,8 +83,10 @@ def load_optimizer_tensors(opt: torch.optim.Optimizer, names: list, tensors: dic
 
 
 def train_matryoshka(model: Transformer, ids: torch.Tensor, cfg: dict, out: Path, meta_extra: dict,
-                     resume: bool = False, calib: torch.Tensor | None = None, save_every: int = 50) -> Projections:
-    """Run (or continue) MatryoshkaKV distillation; returns the trained projections and leaves `out` written."""
+                     resume: bool = False, calib: torch.Tensor | None = None, save_every: int = 50,
+                     stop_after: int | None = None) -> Projections:
+    """Run (or continue) MatryoshkaKV distillation; returns the trained projections and leaves `out` written.
+    `stop_after` ends the run early after that step, with a checkpoint, as an interruption would."""
     start, extra = 0, {}
     if resume and out.exists():
         proj, meta, extra = load_projections(out, model)
@@ -126,8 +128,10 @@ def train_matryoshka(model: Transformer, ids: torch.Tensor, cfg: dict, out: Path
         opt.step()
         tokens += inputs.numel()
         bar.set_postfix(loss=f"{loss.item():.4f}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
-        if (step + 1) % save_every == 0 or step + 1 == steps:
+        if (step + 1) % save_every == 0 or step + 1 in (steps, stop_after):
             save(step + 1)
+        if step + 1 == stop_after:
+            break
     set_bases(model, proj)
     return proj
 

