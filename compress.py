@@ -19,7 +19,6 @@ Keys are projected after RoPE (key_mode "post_rope", the paper's) or before it (
 the cache holds pre-RoPE features, and each step rebuilds keys U_k[:, :r] k_c and rotates them.
 """
 import json
-import os
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from assets import load_checkpoint, save_checkpoint
 from model import Attention, KVNestError, Transformer, apply_rope, attention_mask, rope_cos_sin
 
 KEY_MODES = ("post_rope", "pre_rope")
@@ -277,31 +277,13 @@ def fold_values(o_weight: torch.Tensor, U_v: torch.Tensor, b_v: torch.Tensor, ra
 
 def save_projections(path, proj: Projections, meta: dict, extra: dict | None = None) -> None:
     """Atomically write the bases (and optional extra tensors such as optimizer state) with JSON metadata."""
-    from safetensors.torch import save_file
-    tensors = {k: v.detach().cpu().contiguous() for k, v in proj.state_dict().items()}
-    tensors.update({k: v.detach().cpu().contiguous() for k, v in (extra or {}).items()})
-    meta = dict(meta, kvnest="matryoshka", key_mode=proj.key_mode)
-    tmp = Path(f"{path}.tmp")
-    save_file(tensors, tmp, metadata={"kvnest": json.dumps(meta)})
-    os.replace(tmp, path)
+    save_checkpoint(path, {**proj.state_dict(), **(extra or {})}, dict(meta, kvnest="matryoshka",
+                                                                       key_mode=proj.key_mode))
 
 
 def load_projections(path, model: Transformer) -> tuple[Projections, dict, dict]:
     """Projections, metadata and any extra tensors of a checkpoint made for this model; refuses any other."""
-    from safetensors import SafetensorError, safe_open
-    if not Path(path).is_file():
-        raise KVNestError(f"projections file {path} does not exist; make one with `python train.py`")
-    try:
-        with safe_open(path, framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get("kvnest", "{}"))
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, json.JSONDecodeError) as e:
-        raise KVNestError(f"cannot read {path} ({str(e).splitlines()[0]}); it is damaged, train again") from None
-    if meta.get("kvnest") != "matryoshka":
-        raise KVNestError(f"{path} is not a MatryoshkaKV checkpoint; pass one written by `python train.py`")
-    if meta.get("model") != model.fingerprint():
-        raise KVNestError(f"{path} was made for another model ({meta.get('model')}); train projections for this "
-                          f"model or pass the model it was made for")
+    tensors, meta = load_checkpoint(path, model, "matryoshka", "python train.py")
     proj = Projections(tensors.pop("U0_k"), tensors.pop("U0_v"), meta["key_mode"])
     proj.load_state_dict({k: tensors.pop(k) for k in ("W_k", "W_v", "b_v")}, strict=False)
     return proj.to(model.inv_freq.device), meta, tensors
