@@ -190,6 +190,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.cache is not None:
             k, v = self.cache.update(pos, k, v)  # (B, H_kv, pos+T, D)
+        elif pos != 0:
+            raise KVNestError("an uncached forward starts at position 0; call setup_cache() to decode")
         y = self.attend(q, k, v, pos)  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -261,8 +263,6 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, pos: int = 0, hidden_only: bool = False) -> torch.Tensor:
         """tokens (B, T) at absolute positions [pos, pos+T) -> logits (B, T, vocab) (or final hidden states)."""
-        if self.layers[0].attn.cache is None and pos != 0:
-            raise KVNestError("an uncached forward starts at position 0; call setup_cache() to decode")
         cos, sin = rope_cos_sin(self.inv_freq, torch.arange(pos, pos + tokens.shape[1], device=tokens.device))
         x = self.embed_tokens(tokens)  # (B, T, dim)
         for layer in self.layers:

@@ -1,4 +1,5 @@
-"""Distil KV compression into a frozen model: `python train.py` trains MatryoshkaKV on the default model and text.
+"""Distil KV compression into a frozen model: `python train.py` trains MatryoshkaKV on the default model and text,
+`python train.py --method gate` trains Attention-Gate eviction (gate.py explains that method).
 
 MatryoshkaKV (Lin et al., 2024). Teacher = the frozen model with its full cache; student = the same weights with
 the projections of compress.py, whose ranks are drawn afresh each step, per (layer, KV head) and for K and V
@@ -13,7 +14,6 @@ decay, gradient clipping, bf16 autocast on CUDA. Every step's windows and ranks 
 with JSON metadata, written atomically; at the end a budget table compares PCA with the trained projections.
 """
 import argparse
-import json
 import math
 import time
 from pathlib import Path
@@ -23,14 +23,16 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from assets import load_text, token_windows
-from compress import (KEY_MODES, Projections, compress, full_cache, load_projections, pca_projections,
-                      save_projections, set_bases, set_ranks, uniform_ranks)
+from assets import save_checkpoint
+from compress import (KEY_MODES, Projections, compress, full_cache, load_projections, pca_projections, set_bases,
+                      set_ranks, uniform_ranks)
+from gate import Gate, calibrate_gate, check_keep, eviction_table, load_gate, prefill_and_evict, restore_full
 from eval import SWEEP_BUDGETS, eval_windows, kl_and_top1, score
 from model import KVNestError, Transformer, add_model_flags, model_from_flags, run_cli
 
 # Flags that define what is trained; a resumed run must agree on them.
 RUN_FLAGS = ("method", "key_mode", "seq_len", "batch", "lr", "warmup", "clip", "kl_weight", "ce_weight",
-             "rank_step", "seed", "steps", "calib_windows", "data")
+             "rank_step", "seed", "steps", "calib_windows", "data", "keep", "keep_weight", "ctx_len")
 
 
 def lr_at(step: int, steps: int, lr: float, warmup: float) -> float:
@@ -82,58 +84,107 @@ def load_optimizer_tensors(opt: torch.optim.Optimizer, names: list, tensors: dic
             opt.state[p] = state
 
 
+def check_resume(out: Path, meta: dict, cfg: dict) -> int:
+    """The step to continue from, after checking that the run-defining flags agree with the checkpoint's."""
+    old = meta["config"]
+    differ = ", ".join(f"{k}={old.get(k)}" for k in RUN_FLAGS if old.get(k) != cfg.get(k))
+    if differ:
+        raise KVNestError(f"--resume with {out}: the checkpoint was trained with {differ}; pass the same flags")
+    return meta["step"]
+
+
+def fit(module: torch.nn.Module, names: list, step_loss, cfg: dict, out: Path, meta: dict, start: int = 0,
+        extra: dict | None = None, save_every: int = 50, stop_after: int | None = None, desc: str = "train"):
+    """AdamW on module's parameters `names` with warm-up + cosine lr and gradient clipping, from step `start`.
+    step_loss(step, generator) -> (loss, tokens); every step's generator is seeded by (seed, step), so a resumed
+    run repeats an uninterrupted one. Checkpoints (module state + optimizer state) are written atomically every
+    `save_every` steps and at the end; `stop_after` ends early after that step, as an interruption would."""
+    params = [getattr(module, n) for n in names]
+    opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=0.0)
+    load_optimizer_tensors(opt, names, extra or {})
+    steps = cfg["steps"]
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc=desc)
+    t0, tokens = time.perf_counter(), 0
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, cfg["lr"], cfg["warmup"])
+        loss, n = step_loss(step, torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + step))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg["clip"])
+        opt.step()
+        tokens += n
+        bar.set_postfix(loss=f"{loss.item():.4f}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
+        if (step + 1) % save_every == 0 or step + 1 in (steps, stop_after):
+            save_checkpoint(out, {**module.state_dict(), **optimizer_tensors(opt, names)}, dict(meta, step=step + 1))
+        if step + 1 == stop_after:
+            break
+
+
+def autocast_for(model: Transformer):
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=model.inv_freq.device.type == "cuda")
+
+
 def train_matryoshka(model: Transformer, ids: torch.Tensor, cfg: dict, out: Path, meta_extra: dict,
-                     resume: bool = False, calib: torch.Tensor | None = None, save_every: int = 50,
-                     stop_after: int | None = None) -> Projections:
-    """Run (or continue) MatryoshkaKV distillation; returns the trained projections and leaves `out` written.
-    `stop_after` ends the run early after that step, with a checkpoint, as an interruption would."""
+                     resume: bool = False, calib: torch.Tensor | None = None, **fit_kw) -> Projections:
+    """Run (or continue) MatryoshkaKV distillation; returns the trained projections and leaves `out` written."""
     start, extra = 0, {}
     if resume and out.exists():
         proj, meta, extra = load_projections(out, model)
-        old = meta["config"]
-        differ = ", ".join(f"{k}={old.get(k)}" for k in RUN_FLAGS if old.get(k) != cfg.get(k))
-        if differ:
-            raise KVNestError(f"--resume with {out}: the checkpoint was trained with {differ}; pass the same flags")
-        start = meta["step"]
+        start = check_resume(out, meta, cfg)
     else:
         proj = pca_projections(model, calib, cfg["key_mode"])
     compress(model, proj)
-    names = ["W_k", "W_v", "b_v"]
-    opt = torch.optim.AdamW([getattr(proj, n) for n in names], lr=cfg["lr"], weight_decay=0.0)
-    load_optimizer_tensors(opt, names, extra)
-    meta = dict(meta_extra, model=model.fingerprint(), config=cfg)
+    meta = dict(meta_extra, kvnest="matryoshka", key_mode=proj.key_mode, model=model.fingerprint(), config=cfg)
 
-    def save(step: int) -> None:
-        save_projections(out, proj, dict(meta, step=step), optimizer_tensors(opt, names))
-
-    device, steps = model.inv_freq.device, cfg["steps"]
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    bar = tqdm(range(start, steps), initial=start, total=steps, desc="train matryoshka")
-    t0, tokens = time.perf_counter(), 0
-    for step in bar:
-        gen = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + step)
-        x = sample_batch(ids, cfg["batch"], cfg["seq_len"], gen).to(device)
+    def step_loss(step, gen):
+        x = sample_batch(ids, cfg["batch"], cfg["seq_len"], gen).to(model.inv_freq.device)
         inputs, targets = x[:, :-1], x[:, 1:]
         set_ranks(model, sample_ranks(model, cfg["rank_step"], gen), sample_ranks(model, cfg["rank_step"], gen))
-        with torch.no_grad(), full_cache(model), autocast:
+        with torch.no_grad(), full_cache(model), autocast_for(model):
             teacher = model(inputs)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, cfg["lr"], cfg["warmup"])
         set_bases(model, proj)
-        with autocast:
-            loss = distill_loss(teacher, model(inputs), targets, cfg["kl_weight"], cfg["ce_weight"])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(proj.parameters(), cfg["clip"])
-        opt.step()
-        tokens += inputs.numel()
-        bar.set_postfix(loss=f"{loss.item():.4f}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
-        if (step + 1) % save_every == 0 or step + 1 in (steps, stop_after):
-            save(step + 1)
-        if step + 1 == stop_after:
-            break
+        with autocast_for(model):
+            return distill_loss(teacher, model(inputs), targets, cfg["kl_weight"], cfg["ce_weight"]), inputs.numel()
+
+    fit(proj, ["W_k", "W_v", "b_v"], step_loss, cfg, out, meta, start, extra, desc="train matryoshka", **fit_kw)
     set_bases(model, proj)
     return proj
+
+
+def train_gate(model: Transformer, ids: torch.Tensor, cfg: dict, out: Path, meta_extra: dict,
+               resume: bool = False, **fit_kw) -> Gate:
+    """Run (or continue) Attention-Gate training: windows of ctx_len + cont_len tokens; the context is evicted
+    after prefill by the gate's flags (straight-through), the continuation is distilled from the full model, and
+    keep_weight * (kept fraction - keep)^2 pulls the kept fraction toward --keep."""
+    ctx = cfg["ctx_len"]
+    start, extra = 0, {}
+    if resume and out.exists():
+        gate, meta, extra = load_gate(out, model)
+        start = check_resume(out, meta, cfg)
+    else:
+        a = model.args
+        gate = Gate(a.n_layers, a.n_kv_heads, a.dim).to(model.inv_freq.device)
+        calib = sample_batch(ids, cfg["batch"], cfg["seq_len"], torch.Generator().manual_seed(cfg["seed"]))
+        calibrate_gate(model, gate, calib[:, :ctx].to(model.inv_freq.device), cfg["keep"])
+    meta = dict(meta_extra, kvnest="gate", keep=cfg["keep"], gate_heads=gate.gate_heads, gate_dim=gate.gate_dim,
+                model=model.fingerprint(), config=cfg)
+
+    def step_loss(step, gen):
+        x = sample_batch(ids, cfg["batch"], cfg["seq_len"], gen).to(model.inv_freq.device)
+        restore_full(model)
+        with torch.no_grad(), autocast_for(model):
+            teacher = model(x[:, :-1])[:, ctx:]  # (B, T - ctx, V)
+        _, flags = prefill_and_evict(model, x[:, :ctx], gate, cfg["keep"], exact=False, train=True)
+        with autocast_for(model):
+            student = model(x[:, ctx:-1], ctx)
+        kept = torch.stack([f.mean() for f in flags]).mean()
+        loss = distill_loss(teacher, student, x[:, ctx + 1:], cfg["kl_weight"], cfg["ce_weight"])
+        return loss + cfg["keep_weight"] * (kept - cfg["keep"]) ** 2, student.shape[0] * student.shape[1]
+
+    fit(gate, ["w", "u", "c", "wq", "wk"], step_loss, cfg, out, meta, start, extra, desc="train gate", **fit_kw)
+    restore_full(model)
+    return gate
 
 
 def budget_table(model: Transformer, proj: Projections, windows: torch.Tensor) -> str:
@@ -151,49 +202,71 @@ def budget_table(model: Transformer, proj: Projections, windows: torch.Tensor) -
     return "\n".join(lines)
 
 
+DEFAULTS = {  # per method: what `python train.py [--method gate]` runs on a 2-core CPU in about half an hour
+    "matryoshka": dict(steps=400, batch=2, seq_len=256, lr=1e-3),
+    "gate": dict(steps=300, batch=1, seq_len=511, lr=5e-3),
+}
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Train KV compression (MatryoshkaKV projections) by distillation.")
+    p = argparse.ArgumentParser(description="Train KV compression by distillation from the full-cache model: "
+                                "MatryoshkaKV projections (default) or Attention-Gate eviction gates.")
     add_model_flags(p)
-    p.add_argument("--method", default="matryoshka", choices=["matryoshka"])
+    p.add_argument("--method", default="matryoshka", choices=list(DEFAULTS))
     p.add_argument("--data", help="training .txt/.jsonl (default: the train half of pydoc topics)")
-    p.add_argument("--eval-data", help="text for the closing budget table (default: the eval half)")
-    p.add_argument("--out", default="runs/matryoshka.safetensors", help="checkpoint path")
+    p.add_argument("--eval-data", help="text for the closing table (default: the eval half)")
+    p.add_argument("--out", help="checkpoint path (default runs/<method>.safetensors)")
     p.add_argument("--resume", action="store_true", help="continue from --out if it exists")
-    p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--lr", type=float, default=1e-3)
+    for name in ("steps", "batch", "seq_len", "lr"):
+        p.add_argument(f"--{name.replace('_', '-')}", type=type(DEFAULTS["gate"][name]), default=None,
+                       help=" / ".join(f"{m}: {d[name]}" for m, d in DEFAULTS.items()) + " by default")
     p.add_argument("--warmup", type=float, default=0.05, help="warm-up fraction of the steps")
     p.add_argument("--clip", type=float, default=1.0, help="gradient norm clip")
     p.add_argument("--kl-weight", type=float, default=1.0)
     p.add_argument("--ce-weight", type=float, default=0.0, help="LM cross-entropy weight (paper: 0.75, KL 0.25)")
-    p.add_argument("--key-mode", default="pre_rope", choices=KEY_MODES, help="project keys before or after RoPE")
-    p.add_argument("--rank-step", type=int, default=None, help="ranks are drawn from multiples of this "
-                   "(default head_dim / 8)")
-    p.add_argument("--calib-windows", type=int, default=8, help="512-token windows for the PCA start")
+    p.add_argument("--key-mode", default="pre_rope", choices=KEY_MODES, help="matryoshka: project keys before or "
+                   "after RoPE")
+    p.add_argument("--rank-step", type=int, default=None, help="matryoshka: ranks are drawn from multiples of "
+                   "this (default head_dim / 8)")
+    p.add_argument("--calib-windows", type=int, default=8, help="matryoshka: 512-token windows for the PCA start")
+    p.add_argument("--keep", type=float, default=0.5, help="gate: target kept fraction of the context")
+    p.add_argument("--keep-weight", type=float, default=10.0, help="gate: weight of (kept - keep)^2")
+    p.add_argument("--ctx-len", type=int, default=384, help="gate: context tokens of each window")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=50)
-    p.add_argument("--no-table", action="store_true", help="skip the closing budget table")
+    p.add_argument("--no-table", action="store_true", help="skip the closing table")
     args = p.parse_args(argv)
+    for name, value in DEFAULTS[args.method].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    args.out = Path(args.out or f"runs/{args.method}.safetensors")
+    if args.steps < 1 or args.batch < 1 or args.seq_len < 2:
+        raise KVNestError("--steps and --batch must be >= 1 and --seq-len >= 2")
     model, tok, folder = model_from_flags(args)
     D = model.args.head_dim
     args.rank_step = args.rank_step or max(1, D // 8)
     if not 1 <= args.rank_step <= D:
         raise KVNestError(f"--rank-step {args.rank_step} is outside [1, head_dim={D}]")
-    if args.steps < 1 or args.batch < 1 or args.seq_len < 2:
-        raise KVNestError("--steps, --batch must be >= 1 and --seq-len >= 2")
     cfg = {k: getattr(args, k) for k in RUN_FLAGS}
     ids = torch.tensor(tok.encode(load_text(args.data, "train")))
-    calib = token_windows(ids.tolist(), 512, args.calib_windows)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    proj = train_matryoshka(model, ids, cfg, out, {"base_model": folder}, args.resume, calib, args.save_every)
-    print(f"saved {out}")
-    if not args.no_table:
-        table = budget_table(model, proj, eval_windows(tok, args.eval_data, 6, 512))
-        out.with_suffix(".md").write_text(table + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    meta, fit_kw = {"base_model": folder}, {"save_every": args.save_every}
+    if args.method == "matryoshka":
+        calib = token_windows(ids.tolist(), 512, args.calib_windows)
+        proj = train_matryoshka(model, ids, cfg, args.out, meta, args.resume, calib, **fit_kw)
+        table = None if args.no_table else budget_table(model, proj, eval_windows(tok, args.eval_data, 6, 512))
+    else:
+        check_keep(args.keep)
+        if not 0 < args.ctx_len < args.seq_len - 1:
+            raise KVNestError(f"--ctx-len {args.ctx_len} must leave continuation tokens in --seq-len {args.seq_len}")
+        gate = train_gate(model, ids, cfg, args.out, meta, args.resume, **fit_kw)
+        table = None if args.no_table else eviction_table(
+            model, eval_windows(tok, args.eval_data, 8, args.seq_len + 1), {"gate": gate}, [args.keep],
+            args.ctx_len)[0]
+    print(f"saved {args.out}")
+    if table:
+        args.out.with_suffix(".md").write_text(table + "\n")
         print(table)
-        print(json.dumps({"checkpoint": str(out), "table": str(out.with_suffix(".md"))}))
 
 
 if __name__ == "__main__":
