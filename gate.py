@@ -108,15 +108,17 @@ class Gate(nn.Module, Policy):
     """The learned gate of every layer: keep logits z (B, H_kv, T) from context features, flags z >= 0."""
     exact = False
 
-    def __init__(self, n_layers: int, n_kv_heads: int, dim: int, gate_heads: int = 1, gate_dim: int = 16):
+    def __init__(self, n_layers: int, n_kv_heads: int, dim: int, gate_heads: int = 1, gate_dim: int = 16,
+                 seed: int = 0):
         super().__init__()
+        g = torch.Generator().manual_seed(seed)
         self.gate_heads, self.gate_dim = gate_heads, gate_dim
         init = torch.tensor([0.0, 1.0, 1.0, -0.3, 10.0, 0.0])  # an H2O + SnapKV-like start, sinks kept
         self.w = nn.Parameter(init.repeat(n_layers, n_kv_heads, 1))  # (L, H_kv, F)
         self.u = nn.Parameter(torch.zeros(n_layers, n_kv_heads, dim))  # content term on the hidden state
         self.c = nn.Parameter(torch.zeros(n_layers, n_kv_heads))  # bias: sets each head's share of the budget
-        self.wq = nn.Parameter(torch.randn(n_layers, gate_heads * gate_dim, dim) / math.sqrt(dim))
-        self.wk = nn.Parameter(torch.randn(n_layers, gate_heads * gate_dim, dim) / math.sqrt(dim))
+        self.wq = nn.Parameter(torch.randn(n_layers, gate_heads * gate_dim, dim, generator=g) / math.sqrt(dim))
+        self.wk = nn.Parameter(torch.randn(n_layers, gate_heads * gate_dim, dim, generator=g) / math.sqrt(dim))
 
     def features(self, layer, x, q, k) -> torch.Tensor:
         """(B, H_kv, T, F) features of each context entry; detached inputs except the gate's own attention."""
@@ -146,7 +148,7 @@ def flags_from_scores(scores: list, keep: float, exact: bool, straight_through: 
     d sigmoid(z))."""
     if not exact:
         flags = [(z >= 0).float() for z in scores]
-        return [f + torch.sigmoid(z) - torch.sigmoid(z).detach() for f, z in zip(flags, scores)] \
+        return [f + (torch.sigmoid(z) - torch.sigmoid(z).detach()) for f, z in zip(flags, scores)] \
             if straight_through else flags
     T = scores[0].shape[-1]
     n = max(1, round(T * keep))
@@ -204,7 +206,8 @@ class EvictingAttention(Attention):
         w_ctx = self.keep_mask.repeat_interleave(G, 1)[:, :, None, :].expand(B, H, T, Tc)
         w_new = torch.ones(T, T, device=q.device).tril().expand(B, H, T, T)
         w = torch.cat([w_ctx, w_new], -1)
-        p = torch.exp(s - s.amax(-1, keepdim=True).detach()) * w
+        top = s.masked_fill(w.detach() == 0, float("-inf")).amax(-1, keepdim=True).detach()  # over visible only
+        p = torch.exp((s - top).clamp(max=0)) * w  # evicted scores can neither overflow nor shift the kept ones
         return ((p / p.sum(-1, keepdim=True)).to(V.dtype) @ V).to(q.dtype)
 
 

@@ -164,7 +164,7 @@ def train_gate(model: Transformer, ids: torch.Tensor, cfg: dict, out: Path, meta
         start = check_resume(out, meta, cfg)
     else:
         a = model.args
-        gate = Gate(a.n_layers, a.n_kv_heads, a.dim).to(model.inv_freq.device)
+        gate = Gate(a.n_layers, a.n_kv_heads, a.dim, seed=cfg["seed"]).to(model.inv_freq.device)
         calib = sample_batch(ids, cfg["batch"], cfg["seq_len"], torch.Generator().manual_seed(cfg["seed"]))
         calibrate_gate(model, gate, calib[:, :ctx].to(model.inv_freq.device), cfg["keep"])
     meta = dict(meta_extra, kvnest="gate", keep=cfg["keep"], gate_heads=gate.gate_heads, gate_dim=gate.gate_dim,

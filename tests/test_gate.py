@@ -1,0 +1,194 @@
+"""Attention-Gate and the eviction baselines: exact identities, eager references, real eviction, training, errors."""
+import math
+
+import pytest
+import torch
+
+from gate import (H2O, CompactCache, Gate, RandomPolicy, SnapKV, StreamingLLM, calibrate_gate, evicting,
+                  flags_from_scores, joint_flags, kept_fraction, load_gate, prefill_and_evict, restore_full,
+                  save_gate, score_eviction)
+from model import KVNestError, load_model
+from train import RUN_FLAGS, train_gate
+
+POLICIES = [StreamingLLM(), H2O(0.5), SnapKV(), RandomPolicy(), None]  # None: a calibrated gate
+
+
+def tokens(n, batch=2, seed=0):
+    return torch.randint(0, 128, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture
+def llama(tiny_llama):
+    return load_model(tiny_llama[0])
+
+
+def policy_for(model, policy, context, keep=0.5):
+    if policy is not None:
+        return policy
+    gate = Gate(model.args.n_layers, model.args.n_kv_heads, model.args.dim)
+    calibrate_gate(model, gate, context, keep)
+    return gate
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=lambda p: type(p).__name__)
+def test_keep_all_reproduces_the_base_model(llama, policy):
+    x = tokens(48)
+    with torch.no_grad():
+        base = llama(x)
+        p = policy_for(llama, policy, x[:, :40])
+        ctx_logits, flags = prefill_and_evict(llama, x[:, :40], p, keep=1.0, exact=True)
+        assert kept_fraction(flags) == 1.0
+        out = torch.cat([ctx_logits, llama(x[:, 40:], 40)], 1)
+    assert (out - base).abs().max().item() < 1e-5
+
+
+def eager_evicted_logits(model, x, ctx_len, flags):
+    """The model written out layer by layer with plain attention: continuation queries see the kept context
+    entries of their KV head and every earlier continuation token (the reference for the evicted forward)."""
+    from model import apply_rope, rope_cos_sin
+    a = model.args
+    T = x.shape[1]
+    cos, sin = rope_cos_sin(model.inv_freq, torch.arange(T))
+    h = model.embed_tokens(x)
+    visible = torch.ones(T, T).tril().bool()
+    for i, layer in enumerate(model.layers):
+        attn, hn = layer.attn, layer.input_layernorm(h)
+        q = apply_rope(attn.q_proj(hn).view(*x.shape, a.n_heads, -1).transpose(1, 2), cos, sin)
+        k = apply_rope(attn.k_proj(hn).view(*x.shape, a.n_kv_heads, -1).transpose(1, 2), cos, sin)
+        v = attn.v_proj(hn).view(*x.shape, a.n_kv_heads, -1).transpose(1, 2)
+        heads = []
+        for hq in range(a.n_heads):
+            g = hq // (a.n_heads // a.n_kv_heads)
+            mask = visible.expand(x.shape[0], T, T).clone()
+            mask[:, ctx_len:, :ctx_len] &= flags[i][:, g, None, :].bool()
+            s = q[:, hq] @ k[:, g].transpose(-1, -2) / math.sqrt(a.head_dim)
+            heads.append(s.masked_fill(~mask, -math.inf).softmax(-1) @ v[:, g])
+        h = h + attn.o_proj(torch.stack(heads, 2).flatten(2))
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+    return model.lm_head(model.norm(h))
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=lambda p: type(p).__name__)
+def test_eviction_equals_an_eager_reference_and_compact_cache_equals_masked(llama, policy):
+    x = tokens(48)
+    with torch.no_grad():
+        p = policy_for(llama, policy, x[:, :40], keep=0.3)
+        ctx_logits, flags = prefill_and_evict(llama, x[:, :40], p, keep=0.3)
+        masked = torch.cat([ctx_logits, llama(x[:, 40:], 40)], 1)
+        ref = eager_evicted_logits(llama, x, 40, flags)
+        assert (masked - ref).abs().max().item() < 1e-4
+        prefill_and_evict(llama, x[:, :40], p, keep=0.3, compact=True, max_new=8)
+        compact = torch.cat([llama(x[:, i:i + 1], i) for i in range(40, 48)], 1)  # one decode step at a time
+        assert (compact - masked[:, 40:]).abs().max().item() < 1e-4
+    restore_full(llama)
+
+
+def test_evicted_entries_never_influence_outputs(llama):
+    """Perturb the tokens whose every entry was evicted in the layers after the first: outputs stay the same."""
+    x = tokens(48, 1)
+    with torch.no_grad():
+        ctx_logits, flags = prefill_and_evict(llama, x[:, :40], StreamingLLM(), keep=0.25)
+        out = llama(x[:, 40:], 40)
+        for attn in evicting(llama):  # perturb the stored context entries where they are evicted
+            gone = ~attn.keep_mask.bool()[..., None]  # (B, H_kv, T_ctx, 1)
+            attn.ctx_k = torch.where(gone, attn.ctx_k + 100 * torch.randn_like(attn.ctx_k), attn.ctx_k)
+            attn.ctx_v = torch.where(gone, torch.randn_like(attn.ctx_v) * 1e3, attn.ctx_v)
+        assert torch.equal(llama(x[:, 40:], 40), out)
+        for attn in evicting(llama):  # while perturbing one kept entry does change them
+            attn.ctx_v[:, :, 0] += 10.0
+        assert not torch.allclose(llama(x[:, 40:], 40), out)
+    restore_full(llama)
+
+
+@pytest.mark.parametrize("keep", [0.75, 0.5, 0.25, 0.125])
+def test_achieved_keep_and_cache_bytes_are_the_ones_reported(llama, keep):
+    x = tokens(40, 1)
+    with torch.no_grad():
+        _, flags = prefill_and_evict(llama, x, SnapKV(), keep, compact=True)
+        n = round(40 * keep)
+        assert all(int(f.sum()) == n * llama.args.n_kv_heads for f in flags) and kept_fraction(flags) == n / 40
+        full_bytes = 2 * 2 * 40 * 16 * 4 * 2  # K and V, 2 KV heads, 40 tokens, D = 16, fp32, 2 layers
+        held = sum(layer.attn.cache.nbytes() for layer in llama.layers)
+        assert held == sum(layer.attn.cache.held_bytes() for layer in llama.layers) == kept_fraction(flags) * full_bytes
+        gate = policy_for(llama, None, x, keep)
+        _, flags = prefill_and_evict(llama, x, gate, keep, exact=True)
+        assert kept_fraction(flags) == pytest.approx(keep, abs=1 / (40 * 4))
+    restore_full(llama)
+
+
+def test_joint_flags_keep_the_exact_total():
+    z = [torch.randn(3, 2, 50, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    flags = joint_flags(z, 0.3)
+    assert [int(torch.stack(flags, 1)[b].sum()) for b in range(3)] == [round(0.3 * 400)] * 3
+
+
+def test_gate_parameters_receive_gradients_through_the_straight_through_estimator(llama):
+    x = tokens(48)
+    gate = policy_for(llama, None, x[:, :40])
+    with torch.no_grad():  # the reduced attention's feature starts at weight 0: give it one, as training does
+        gate.w[..., 5] = 0.5
+    _, flags = prefill_and_evict(llama, x[:, :40], gate, 0.5, exact=False, train=True)
+    assert all(((f == 0) | (f == 1)).all() for f in flags)  # the forward pass uses hard flags
+    llama(x[:, 40:], 40).logsumexp(-1).sum().backward()
+    for name, p in gate.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert not any(p.requires_grad for p in llama.parameters())
+    restore_full(llama)
+
+
+def test_straight_through_flags_match_the_threshold():
+    z = torch.tensor([[[-2.0, -0.1, 0.0, 0.3, 4.0]]], requires_grad=True)
+    f = flags_from_scores([z], 0.5, exact=False, straight_through=True)[0]
+    assert f.tolist() == [[[0, 0, 1, 1, 1]]]
+    f.sum().backward()
+    assert torch.allclose(z.grad, torch.sigmoid(z) * (1 - torch.sigmoid(z)))
+
+
+def gate_cfg(**kw):
+    cfg = dict(method="gate", key_mode="pre_rope", seq_len=47, batch=2, lr=1e-2, warmup=0.1, clip=1.0,
+               kl_weight=1.0, ce_weight=0.0, rank_step=4, seed=0, steps=30, calib_windows=2, data=None, keep=0.5,
+               keep_weight=10.0, ctx_len=32)
+    cfg.update(kw)
+    assert set(cfg) == set(RUN_FLAGS)
+    return cfg
+
+
+def test_training_lowers_kl_and_resume_is_exact(tiny_llama, tmp_path):
+    ids = tokens(100, 1)[0].repeat(20)
+    held_out = ids[7:487].view(10, 48)
+    model = load_model(tiny_llama[0])
+    start = Gate(2, 2, 64)
+    calibrate_gate(model, start, ids[:94].view(2, 47)[:, :32], 0.5)  # the start train_gate makes
+    before = score_eviction(model, held_out, start, 0.5, 32, exact=True)["kl"]
+    whole = train_gate(model, ids, gate_cfg(), tmp_path / "a.safetensors", {})
+    assert score_eviction(model, held_out, whole, 0.5, 32, exact=True)["kl"] < 0.7 * before
+    train_gate(load_model(tiny_llama[0]), ids, gate_cfg(), tmp_path / "b.safetensors", {}, stop_after=12)
+    resumed = train_gate(load_model(tiny_llama[0]), ids, gate_cfg(), tmp_path / "b.safetensors", {}, resume=True)
+    for name, p in whole.named_parameters():
+        assert torch.equal(p, dict(resumed.named_parameters())[name]), name
+
+
+def test_bad_keep_ratios_and_mismatched_checkpoints_are_clear_errors(tiny_llama, tiny_mistral, llama, tmp_path):
+    x = tokens(40, 1)
+    for keep in (0, -0.1, 1.5):
+        with pytest.raises(KVNestError, match=r"keep ratio .* is outside \(0, 1\]"):
+            prefill_and_evict(llama, x, StreamingLLM(), keep)
+    gate = Gate(2, 2, 64)
+    save_gate(tmp_path / "g.safetensors", gate, {"model": llama.fingerprint()})
+    assert torch.equal(load_gate(tmp_path / "g.safetensors", llama)[0].w, gate.w)
+    with pytest.raises(KVNestError, match="made for another model"):
+        load_gate(tmp_path / "g.safetensors", load_model(tiny_mistral[0]))
+    with pytest.raises(KVNestError, match="not a gate checkpoint"):
+        from compress import pca_projections, save_projections
+        save_projections(tmp_path / "p.safetensors", pca_projections(llama, x), {"model": llama.fingerprint()})
+        load_gate(tmp_path / "p.safetensors", llama)
+    with pytest.raises(KVNestError, match="sliding-window"):
+        evicting(load_model(tiny_mistral[0]))
+
+
+def test_compact_cache_refuses_to_overflow(llama):
+    k = torch.randn(1, 2, 10, 16)
+    cache = CompactCache(k, k, torch.ones(1, 2, 10), max_new=1)
+    q = torch.randn(1, 4, 2, 16)
+    with pytest.raises(KVNestError, match="compact cache is full"):
+        cache.attend(q, torch.randn(1, 2, 2, 16), torch.randn(1, 2, 2, 16))
