@@ -11,6 +11,13 @@ The full model on the default data gives perplexity 17.07 (6 x 512 tokens, fp32)
     python eval.py --projections runs/matryoshka.safetensors --budget 0.5
     python eval.py --projections runs/matryoshka.safetensors --ranks runs/ranks.json --budget 0.5
     python eval.py --projections runs/matryoshka.safetensors --ranks runs/ranks.json --sweep
+
+Eviction (gate.py) follows its own protocol: each of 8 windows of 512 tokens is a 384-token context, evicted after
+prefill, and a 128-token continuation, whose predictions are scored against the full cache.
+
+    python eval.py --evict h2o --keep 0.25
+    python eval.py --evict gate --gate runs/gate.safetensors --keep 0.5
+    python eval.py --evict-sweep --gate runs/gate.safetensors
 """
 import argparse
 import json
@@ -122,28 +129,65 @@ def plot_curves(curves: dict, xlabel: str, ylabel: str, title: str, path: Path, 
     plt.close(fig)
 
 
+EVICT_KEEPS = (0.75, 0.5, 0.25, 0.125)
+
+
+def eviction_main(args, model, tok) -> None:
+    """--evict METHOD / --evict-sweep: continuation perplexity and KL after evicting the context's cache."""
+    from gate import baseline, eviction_table, load_gate, score_eviction
+    windows = eval_windows(tok, args.data, args.windows or 8, args.seq_len)
+    gate = load_gate(args.gate, model)[0] if args.gate else None
+    if args.evict == "gate" and gate is None:
+        raise KVNestError("--evict gate needs --gate (a checkpoint from `python train.py --method gate`)")
+    if args.evict_sweep:
+        table, results = eviction_table(model, windows, {"gate": gate} if gate else {}, list(EVICT_KEEPS),
+                                        args.ctx_len)
+        out_dir = Path(args.out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "evict_sweep.md").write_text(table + "\n")
+        plot_curves({n: {k: r["kl"] for k, r in res.items()} for n, res in results.items()}, "kept fraction of the "
+                    "context", "KL(full || evicted)", "Eviction after prefill", out_dir / "evict_sweep.png",
+                    invert_x=True, log_y=True)
+        print(table)
+        return
+    policy = gate if args.evict == "gate" else baseline(args.evict, args.keep)
+    result = score_eviction(model, windows, policy, args.keep, args.ctx_len, exact=None if args.gate_threshold else True)
+    result = dict(method=args.evict, requested_keep=args.keep, **result)
+    print(json.dumps(result, indent=2) if args.json else "  ".join(
+        f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Perplexity, KL to the full cache and cache bytes on held-out text.")
     add_model_flags(p)
     p.add_argument("--data", help=".txt or .jsonl file to evaluate on (default: the eval half of pydoc topics)")
-    p.add_argument("--windows", type=int, default=6)
+    p.add_argument("--windows", type=int, default=None, help="windows to score (default 6; 8 with eviction)")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--projections", help="MatryoshkaKV checkpoint from train.py")
     p.add_argument("--budget", type=float, help="kept fraction of the cache, in (0, 1]")
     p.add_argument("--ranks", help="per-head ranks JSON from search.py")
     p.add_argument("--sweep", action="store_true", help="table and plot over budgets (needs --projections)")
     p.add_argument("--out-dir", default="runs", help="where --sweep writes sweep.md and sweep.png")
+    p.add_argument("--evict", choices=["streaming", "h2o", "snapkv", "random", "gate"], help="evict the context")
+    p.add_argument("--evict-sweep", action="store_true", help="every eviction method at keep 75/50/25/12.5%%")
+    p.add_argument("--keep", type=float, default=0.5, help="kept fraction of the context with --evict")
+    p.add_argument("--gate", help="gate checkpoint from `python train.py --method gate`")
+    p.add_argument("--gate-threshold", action="store_true", help="evict by the gate's own threshold (z >= 0) "
+                   "instead of at exactly --keep; the achieved keep is reported")
+    p.add_argument("--ctx-len", type=int, default=384, help="context tokens of each window with --evict")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     args = p.parse_args(argv)
     model, tok, folder = model_from_flags(args)
-    windows = eval_windows(tok, args.data, args.windows, args.seq_len)
+    if args.evict or args.evict_sweep:
+        return eviction_main(args, model, tok)
+    windows = eval_windows(tok, args.data, args.windows or 6, args.seq_len)
     if args.sweep:
         if not args.projections:
             raise KVNestError("--sweep needs --projections (a checkpoint from train.py)")
         print(matryoshka_sweep(model, windows, args.projections, args.ranks, Path(args.out_dir)))
         return
     full_bytes = cache_bytes(model, args.seq_len)
-    result = {"model": folder, "windows": args.windows, "seq_len": args.seq_len}
+    result = {"model": folder, "windows": len(windows), "seq_len": args.seq_len}
     if args.projections:
         from compress import budget_of, compress_from_flags
         rank_k, rank_v = compress_from_flags(model, args.projections, args.budget, args.ranks)

@@ -192,3 +192,45 @@ def test_compact_cache_refuses_to_overflow(llama):
     q = torch.randn(1, 4, 2, 16)
     with pytest.raises(KVNestError, match="compact cache is full"):
         cache.attend(q, torch.randn(1, 2, 2, 16), torch.randn(1, 2, 2, 16))
+
+
+def test_scripts_end_to_end_on_a_tiny_model(tiny_llama, word_text, tmp_path):
+    """train.py --method gate -> eval.py --evict / --evict-sweep, as a user runs them."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    root, folder, ckpt = Path(__file__).resolve().parents[1], str(tiny_llama[0]), str(tmp_path / "g.safetensors")
+
+    def run(*args):
+        r = subprocess.run([sys.executable, *args, "--model", folder, "--data", str(word_text)], cwd=root,
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return r.stdout
+
+    run("train.py", "--method", "gate", "--eval-data", str(word_text), "--steps", "3", "--seq-len", "47",
+        "--ctx-len", "32", "--out", ckpt)
+    assert "| 50.0% |" in Path(ckpt).with_suffix(".md").read_text()
+    one = json.loads(run("eval.py", "--evict", "gate", "--gate", ckpt, "--keep", "0.25", "--seq-len", "48",
+                         "--ctx-len", "32", "--json"))
+    assert one["keep"] == 0.25 and one["kl"] > 0
+    table = run("eval.py", "--evict-sweep", "--gate", ckpt, "--seq-len", "48", "--ctx-len", "32", "--windows", "2",
+                "--out-dir", str(tmp_path))
+    assert "| 12.5% |" in table and "gate" in table and (tmp_path / "evict_sweep.png").stat().st_size > 1000
+    bad = subprocess.run([sys.executable, "eval.py", "--model", folder, "--evict", "h2o", "--keep", "1.5"], cwd=root,
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: keep ratio 1.5 is outside (0, 1]")
+
+
+def test_passkey_decode_from_a_keep_all_compact_cache_equals_greedy_decode(tiny_llama):
+    import random
+    from model import Tokenizer
+    from passkey import make_sample, retrieve
+    model, tok = load_model(tiny_llama[0]), Tokenizer(tiny_llama[0])
+    doc, question, key = make_sample(tok, 120, random.Random(0))
+    assert len(doc) + len(question) == 120 and len(key) == 5
+    x = torch.tensor([doc + question])
+    with torch.no_grad():
+        for _ in range(8):
+            x = torch.cat([x, model(x)[:, -1:].argmax(-1)], 1)
+    assert retrieve(model, tok, doc, question, StreamingLLM(), 1.0) == tok.decode(x[0, 120:].tolist())
