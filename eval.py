@@ -36,7 +36,7 @@ SWEEP_BUDGETS = (1.0, 0.75, 0.625, 0.5, 0.375, 0.25)
 def kl_and_top1(ref_logits: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-position KL(ref || method) summed over the vocabulary, and top-1 agreement. (..., V) -> (...), (...)"""
     ref_logp, logp = F.log_softmax(ref_logits.float(), -1), F.log_softmax(logits.float(), -1)
-    kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
+    kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1).clamp(min=0)  # KL >= 0; rounding can dip below
     return kl, (ref_logits.argmax(-1) == logits.argmax(-1)).float()
 
 

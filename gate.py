@@ -138,7 +138,7 @@ class Gate(nn.Module, Policy):
 
     def score(self, layer, x, q, k):
         f = self.features(layer, x.float(), q.detach(), k.detach())  # (B, H_kv, T, F)
-        content = torch.einsum("btd,hd->bht", x.float(), self.u[layer])
+        content = torch.einsum("btd,hd->bht", x.float(), self.u[layer]) / math.sqrt(x.shape[-1])  # O(1) steps
         return (f * self.w[layer][:, None]).sum(-1) + content + self.c[layer][:, None]
 
 

@@ -32,6 +32,9 @@ class KVNestError(Exception):
     """A user error with a one-line message that names the problem and the fix; scripts print it and exit 2."""
 
 
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}  # model_type -> architecture
+
+
 @dataclass
 class ModelArgs:
     dim: int = 576
@@ -53,11 +56,15 @@ class ModelArgs:
     @classmethod
     def from_hf_config(cls, cfg: dict) -> "ModelArgs":
         """Read a Hugging Face config.json dict; refuse what this file does not implement, by name."""
-        archs = cfg.get("architectures") or [{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}.get(
-            cfg.get("model_type"), str(cfg.get("model_type")))]
-        if cfg.get("model_type") not in ("llama", "mistral") or archs[0] not in SUPPORTED_ARCHITECTURES:
-            raise KVNestError(f"unsupported architecture {archs[0]!r} (model_type {cfg.get('model_type')!r}); "
-                              f"kvnest supports {', '.join(SUPPORTED_ARCHITECTURES)}")
+        model_type = cfg.get("model_type")
+        arch = (cfg.get("architectures") or [ARCHITECTURES.get(model_type, str(model_type))])[0]
+        if model_type not in ARCHITECTURES or arch not in ARCHITECTURES.values():
+            raise KVNestError(f"unsupported architecture {arch!r} (model_type {model_type!r}); kvnest supports "
+                              f"{', '.join(ARCHITECTURES.values())}")
+        missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                               "vocab_size") if k not in cfg]
+        if missing:
+            raise KVNestError(f"config.json lacks {', '.join(missing)}; is it a complete Hugging Face config?")
         for key, ok in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False),
                         ("pretraining_tp", 1)):
             if cfg.get(key, ok) != ok:
@@ -74,7 +81,7 @@ class ModelArgs:
                 scaling = dict(scaling, rope_type=kind)
         eos = cfg.get("eos_token_id", 2)
         n_heads = cfg["num_attention_heads"]
-        window = cfg.get("sliding_window") if cfg.get("model_type") == "mistral" else None
+        window = cfg.get("sliding_window") if model_type == "mistral" else None
         return cls(dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=n_heads,
                    n_kv_heads=cfg.get("num_key_value_heads", n_heads),
                    head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
@@ -83,9 +90,6 @@ class ModelArgs:
                    1e4)), rope_scaling=scaling, max_seq_len=cfg.get("max_position_embeddings", 4096),
                    tie_embeddings=cfg.get("tie_word_embeddings", False), sliding_window=window,
                    bos_id=cfg.get("bos_token_id"), eos_ids=tuple(eos if isinstance(eos, list) else [eos]))
-
-
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 
 
 def rope_frequencies(args: ModelArgs) -> torch.Tensor:

@@ -145,11 +145,11 @@ def main(argv=None):
     p.add_argument("--budget", type=float, default=0.25, help="target budget in (0, 1]; the sweep budgets above "
                    "it are recorded on the way")
     p.add_argument("--data", help="calibration .txt/.jsonl (default: the train half of pydoc topics)")
-    p.add_argument("--calib-windows", type=int, default=2)
+    p.add_argument("--calib-windows", type=int, default=1)
     p.add_argument("--calib-len", type=int, default=256)
     p.add_argument("--step", type=int, default=None, help="rank decrement (default head_dim / 8)")
     p.add_argument("--min-rank", type=int, default=None, help="lowest rank a head may get (default: --step)")
-    p.add_argument("--per-round", type=int, default=32, help="decrements per round (1 = the exact greedy)")
+    p.add_argument("--per-round", type=int, default=64, help="decrements per round (1 = the exact greedy)")
     p.add_argument("--out", default="runs/ranks.json")
     args = p.parse_args(argv)
     model, tok, folder = model_from_flags(args)

@@ -109,6 +109,8 @@ def test_unsupported_architecture_and_fields_are_clear_errors():
         ModelArgs.from_hf_config(dict(base, model_type="gpt2", architectures=["GPT2LMHeadModel"]))
     with pytest.raises(KVNestError, match="attention_bias"):
         ModelArgs.from_hf_config(dict(base, model_type="llama", attention_bias=True))
+    with pytest.raises(KVNestError, match="config.json lacks vocab_size"):
+        ModelArgs.from_hf_config({k: v for k, v in base.items() if k != "vocab_size"} | {"model_type": "llama"})
     with pytest.raises(KVNestError, match="rope scaling 'yarn'"):
         ModelArgs.from_hf_config(dict(base, model_type="llama", rope_scaling={"rope_type": "yarn", "factor": 2}))
 
