@@ -67,11 +67,8 @@ class MatryoshkaAttention(Attention):
     """Attention with K/V compressed to per-head ranks. Same weights as the base layer; swap in with `compress`."""
 
     def __init__(self, base: Attention, key_mode: str, inv_freq: torch.Tensor):
-        nn.Module.__init__(self)
-        self.n_heads, self.n_kv_heads, self.head_dim, self.window = (base.n_heads, base.n_kv_heads,
-                                                                     base.head_dim, base.window)
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = base.q_proj, base.k_proj, base.v_proj, base.o_proj
-        self.key_mode, self.inv_freq, self.cache, self.bypass = key_mode, inv_freq, None, False
+        self.share_weights(base)
+        self.key_mode, self.inv_freq, self.bypass = key_mode, inv_freq, False
         D, H_kv = self.head_dim, self.n_kv_heads
         eye = torch.eye(D, device=inv_freq.device).expand(H_kv, D, D)
         self.U_k, self.U_v, self.b_v = eye, eye, torch.zeros(H_kv, D, device=inv_freq.device)

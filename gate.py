@@ -147,9 +147,10 @@ def flags_from_scores(scores: list, keep: float, exact: bool, straight_through: 
     threshold z >= 0, with the straight-through estimator when training (forward: hard flags; backward:
     d sigmoid(z))."""
     if not exact:
-        flags = [(z >= 0).float() for z in scores]
-        return [f + (torch.sigmoid(z) - torch.sigmoid(z).detach()) for f, z in zip(flags, scores)] \
-            if straight_through else flags
+        hard = [(z >= 0).float() for z in scores]
+        if not straight_through:
+            return hard
+        return [h + (torch.sigmoid(z) - torch.sigmoid(z).detach()) for h, z in zip(hard, scores)]  # = h exactly
     T = scores[0].shape[-1]
     n = max(1, round(T * keep))
     return [torch.zeros_like(s).scatter_(-1, s.topk(n, dim=-1).indices, 1.0) for s in scores]
@@ -172,11 +173,8 @@ class EvictingAttention(Attention):
     """
 
     def __init__(self, base: Attention, layer: int):
-        nn.Module.__init__(self)
-        self.n_heads, self.n_kv_heads, self.head_dim, self.window = (base.n_heads, base.n_kv_heads,
-                                                                     base.head_dim, base.window)
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = base.q_proj, base.k_proj, base.v_proj, base.o_proj
-        self.layer, self.mode, self.policy, self.cache, self.train_scores = layer, "full", None, None, False
+        self.share_weights(base)
+        self.layer, self.mode, self.policy, self.train_scores = layer, "full", None, False
         self.ctx_k = self.ctx_v = self.scores = self.keep_mask = None
 
     def forward(self, x, pos, cos, sin):

@@ -164,6 +164,14 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.cache = None
 
+    def share_weights(self, base: "Attention") -> None:
+        """Start a subclass instance (compress.py, gate.py) that reuses `base`'s weights and shape."""
+        nn.Module.__init__(self)
+        self.n_heads, self.n_kv_heads, self.head_dim, self.window = (base.n_heads, base.n_kv_heads,
+                                                                     base.head_dim, base.window)
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = base.q_proj, base.k_proj, base.v_proj, base.o_proj
+        self.cache = None
+
     def new_cache(self, batch: int, max_len: int, dtype, device) -> nn.Module:
         return KVCache(batch, self.n_kv_heads, max_len, self.head_dim, dtype, device)
 
