@@ -373,7 +373,8 @@ def load_gate(path, model: Transformer) -> tuple[Gate, dict, dict]:
 
 def gate_overhead(gate: Gate, model: Transformer) -> float:
     """Gate parameters as a fraction of the model's."""
-    return sum(p.numel() for p in gate.parameters()) / sum(p.numel() for p in model.parameters())
+    model_params = {p.data_ptr(): p.numel() for p in model.parameters()}  # tied embeddings count once
+    return sum(p.numel() for p in gate.parameters()) / sum(model_params.values())
 
 
 def eviction_table(model: Transformer, windows: torch.Tensor, gates: dict, keeps: list, ctx_len: int = 384,
