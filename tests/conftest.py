@@ -45,6 +45,17 @@ def word_text(tmp_path_factory) -> Path:
     return path
 
 
+def run_config(**overrides) -> dict:
+    """A complete train.py run config (every run-defining flag) sized for the tiny models."""
+    from train import RUN_FLAGS
+    cfg = dict(method="matryoshka", key_mode="pre_rope", seq_len=32, batch=2, lr=1e-2, warmup=0.1, clip=1.0,
+               kl_weight=1.0, ce_weight=0.0, rank_step=4, seed=0, steps=30, calib_windows=2, data=None, keep=0.5,
+               keep_weight=10.0, ctx_len=384)
+    cfg.update(overrides)
+    assert set(cfg) == set(RUN_FLAGS)
+    return cfg
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny_llama")

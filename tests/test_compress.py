@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import run_config
 from compress import (KEY_MODES, Projections, budget_of, compress, fold_values, full_cache, load_projections,
                       load_ranks, pca_projections, save_projections, set_ranks, uniform_ranks)
 from model import KVNestError, apply_rope, generate, load_model, rope_cos_sin
 from search import greedy_search
-from train import RUN_FLAGS, train_matryoshka
+from train import train_matryoshka
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -174,15 +175,6 @@ def test_search_meets_its_budgets_and_is_deterministic(llama):
     assert budget_of(torch.tensor(exact[0.75]["k"]), torch.tensor(exact[0.75]["v"]), 16) == 0.75
 
 
-def train_cfg(**kw):
-    cfg = dict(method="matryoshka", key_mode="pre_rope", seq_len=32, batch=2, lr=1e-2, warmup=0.1, clip=1.0,
-               kl_weight=1.0, ce_weight=0.0, rank_step=4, seed=0, steps=30, calib_windows=2, data=None, keep=0.5,
-               keep_weight=10.0, ctx_len=384)
-    cfg.update(kw)
-    assert set(cfg) == set(RUN_FLAGS)
-    return cfg
-
-
 def kl_at_half_budget(model, x):
     set_ranks(model, *uniform_ranks(model, 0.5))
     with torch.no_grad():
@@ -196,12 +188,12 @@ def test_a_few_training_steps_lower_the_loss(tiny_llama, tmp_path):
     model, ids = load_model(tiny_llama[0]), tokens(100, 1)[0].repeat(20)
     held_out = ids[:400].view(4, 100)[:, :32]
     before = kl_at_half_budget(compress(model, pca_projections(model, ids[:512].view(4, 128), "pre_rope")), held_out)
-    train_matryoshka(model, ids, train_cfg(), tmp_path / "p.safetensors", {}, calib=ids[:512].view(4, 128))
+    train_matryoshka(model, ids, run_config(), tmp_path / "p.safetensors", {}, calib=ids[:512].view(4, 128))
     assert kl_at_half_budget(model, held_out) < 0.9 * before
 
 
 def test_resume_gives_the_same_steps_as_an_uninterrupted_run(tiny_llama, tmp_path):
-    ids, calib, cfg = tokens(2000, 1)[0], tokens(128, 4)[0:4], train_cfg(steps=6)
+    ids, calib, cfg = tokens(2000, 1)[0], tokens(128, 4)[0:4], run_config(steps=6)
     whole = train_matryoshka(load_model(tiny_llama[0]), ids, cfg, tmp_path / "a.safetensors", {}, calib=calib)
     train_matryoshka(load_model(tiny_llama[0]), ids, cfg, tmp_path / "b.safetensors", {}, calib=calib,
                      stop_after=3)

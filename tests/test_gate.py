@@ -4,11 +4,12 @@ import math
 import pytest
 import torch
 
+from conftest import run_config
 from gate import (H2O, CompactCache, Gate, RandomPolicy, SnapKV, StreamingLLM, calibrate_gate, evicting,
                   flags_from_scores, joint_flags, kept_fraction, load_gate, prefill_and_evict, restore_full,
                   save_gate, score_eviction)
 from model import KVNestError, load_model
-from train import RUN_FLAGS, train_gate
+from train import train_gate
 
 POLICIES = [StreamingLLM(), H2O(0.5), SnapKV(), RandomPolicy(), None]  # None: a calibrated gate
 
@@ -145,12 +146,7 @@ def test_straight_through_flags_match_the_threshold():
 
 
 def gate_cfg(**kw):
-    cfg = dict(method="gate", key_mode="pre_rope", seq_len=47, batch=2, lr=1e-2, warmup=0.1, clip=1.0,
-               kl_weight=1.0, ce_weight=0.0, rank_step=4, seed=0, steps=30, calib_windows=2, data=None, keep=0.5,
-               keep_weight=10.0, ctx_len=32)
-    cfg.update(kw)
-    assert set(cfg) == set(RUN_FLAGS)
-    return cfg
+    return run_config(method="gate", seq_len=47, ctx_len=32, **kw)
 
 
 def test_training_lowers_kl_and_resume_is_exact(tiny_llama, tmp_path):
