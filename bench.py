@@ -15,7 +15,8 @@ import torch
 
 from compress import Projections, compress, set_ranks, uniform_ranks
 from gate import SnapKV, prefill_and_evict, restore_full
-from model import KVNestError, Transformer, add_model_flags, model_from_flags, run_cli
+from assets import add_model_flags, model_from_flags
+from model import KVNestError, Transformer, run_cli
 
 
 def time_decode(model: Transformer, steps: int, pos: int) -> float:

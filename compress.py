@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from assets import load_checkpoint, save_checkpoint
 from model import Attention, KVNestError, Transformer, apply_rope, attention_mask, rope_cos_sin
@@ -56,6 +55,11 @@ class Projections(nn.Module):
     def bases(self) -> tuple[torch.Tensor, torch.Tensor]:
         """U_k, U_v: (L, H_kv, D, D), columns sorted from most to least important."""
         return self.U0_k @ cayley(self.W_k), self.U0_v @ cayley(self.W_v)
+
+
+def query_heads(kv_heads: torch.Tensor, G: int) -> torch.Tensor:
+    """Indices of the query heads that share the given KV heads (head h serves h*G ... h*G + G - 1). (n * G,)"""
+    return (kv_heads[:, None] * G + torch.arange(G, device=kv_heads.device)).flatten()
 
 
 def rank_masks(rank: torch.Tensor, D: int) -> torch.Tensor:
@@ -115,16 +119,17 @@ class MatryoshkaAttention(Attention):
         S = k_groups[0][1].shape[2]
         G = H // self.n_kv_heads
         scores = q.new_empty(B, H, T, S, dtype=torch.float32)
+        if self.key_mode == "pre_rope":  # rotations of every cached position, for the rebuilt keys
+            cos, sin = (t.to(q.dtype) for t in rope_cos_sin(self.inv_freq, torch.arange(S, device=q.device)))
         for heads, k_g in k_groups:  # k_g: (B, n, S, r)
-            qh = (heads[:, None] * G + torch.arange(G, device=q.device)).flatten()  # query heads of these KV heads
+            qh = query_heads(heads, G)
             r = k_g.shape[-1]
             if self.key_mode == "post_rope":
                 q_g = q[:, qh] @ self.group(self.U_k, heads)[..., :r].to(q.dtype)  # (B, n*G, T, r)
                 k_g = k_g.repeat_interleave(G, dim=1)  # (B, n*G, S, r)
             else:
-                cos, sin = rope_cos_sin(self.inv_freq, torch.arange(S, device=q.device))
                 k_full = k_g @ self.U_k[heads, :, :r].transpose(-1, -2).to(k_g.dtype)  # (B, n, S, D)
-                q_g, k_g = q[:, qh], apply_rope(k_full, cos.to(q.dtype), sin.to(q.dtype)).repeat_interleave(G, 1)
+                q_g, k_g = q[:, qh], apply_rope(k_full, cos, sin).repeat_interleave(G, 1)
             scores[:, qh] = (q_g @ k_g.transpose(-1, -2)).float() / D ** 0.5
         if T > 1 or self.window:
             visible = attention_mask(pos, T, S, self.window, q.device)
@@ -132,7 +137,7 @@ class MatryoshkaAttention(Attention):
         probs = scores.softmax(-1).to(q.dtype)
         y = q.new_zeros(B, H, T, D)
         for heads, v_g in v_groups:  # v_g: (B, n, S, r)
-            qh = (heads[:, None] * G + torch.arange(G, device=q.device)).flatten()
+            qh = query_heads(heads, G)
             y[:, qh, :, : v_g.shape[-1]] = probs[:, qh] @ v_g.repeat_interleave(G, dim=1)  # (B, n*G, T, r)
         return y
 

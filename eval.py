@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from assets import load_text, token_windows
-from model import KVNestError, Transformer, add_model_flags, model_from_flags, run_cli
+from assets import add_model_flags, load_text, model_from_flags, token_windows
+from model import KVNestError, Transformer, run_cli
 
 SWEEP_BUDGETS = (1.0, 0.75, 0.625, 0.5, 0.375, 0.25)
 

@@ -273,14 +273,13 @@ class Transformer(nn.Module):
         return {"n_layers": a.n_layers, "n_kv_heads": a.n_kv_heads, "head_dim": a.head_dim, "dim": a.dim,
                 "vocab_size": a.vocab_size, "k_proj_checksum": float(f"{float(w.double().abs().sum()):.3g}")}
 
-    def forward(self, tokens: torch.Tensor, pos: int = 0, hidden_only: bool = False) -> torch.Tensor:
-        """tokens (B, T) at absolute positions [pos, pos+T) -> logits (B, T, vocab) (or final hidden states)."""
+    def forward(self, tokens: torch.Tensor, pos: int = 0) -> torch.Tensor:
+        """tokens (B, T) at absolute positions [pos, pos+T) -> logits (B, T, vocab)."""
         cos, sin = rope_cos_sin(self.inv_freq, torch.arange(pos, pos + tokens.shape[1], device=tokens.device))
         x = self.embed_tokens(tokens)  # (B, T, dim)
         for layer in self.layers:
             x = layer(x, pos, cos.to(x.dtype), sin.to(x.dtype))
-        x = self.norm(x)
-        return x if hidden_only else self.lm_head(x)
+        return self.lm_head(self.norm(x))
 
 
 def load_model(path, dtype=torch.float32, device="cpu") -> Transformer:
@@ -358,13 +357,9 @@ def chatml(prompt: str) -> str:
 
 @torch.no_grad()
 def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
-             stop_ids=(), decode_step=None):
+             stop_ids=()):
     """Prefill the (B, T) prompt, then yield (B,) next tokens, one decode step at a time (greedy at T = 0).
-
-    The caller sets up the cache (model.setup_cache, or a compressed cache swapped in by compress.py/gate.py).
-    `decode_step(tokens (B, 1), pos) -> logits (B, 1, V)` replaces the eager step (kernels.py compiles one).
-    """
-    step = decode_step or (lambda tok, p: model(tok, p))
+    The caller sets up the cache (model.setup_cache, or a compressed cache swapped in by compress.py/gate.py)."""
     logits, pos = model(prompt, 0), prompt.shape[1]
     for _ in range(max_new_tokens):
         last = logits[:, -1].float()
@@ -375,23 +370,11 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, temp
         yield nxt
         if bool(torch.isin(nxt, torch.tensor(list(stop_ids), device=nxt.device)).all()):
             return
-        logits, pos = step(nxt[:, None], pos), pos + 1
-
-
-def add_model_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="Hugging Face model folder (default: the embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-
-
-def model_from_flags(args) -> tuple[Transformer, Tokenizer, str]:
-    """The model, tokenizer and folder named by --model (or the default model), in --dtype on --device."""
-    from assets import default_model_folder
-    folder = args.model or default_model_folder()
-    return load_model(folder, getattr(torch, args.dtype), args.device), Tokenizer(folder), str(folder)
+        logits, pos = model(nxt[:, None], pos), pos + 1
 
 
 def main(argv=None) -> None:
+    from assets import add_model_flags, model_from_flags
     p = argparse.ArgumentParser(description="Generate text with a LLaMA/Mistral model (optionally compressed KV).")
     add_model_flags(p)
     p.add_argument("--prompt", required=True)
@@ -437,4 +420,5 @@ def run_cli(main_fn) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    import model  # the importable module: its KVNestError is the one assets.py and the methods raise
+    model.run_cli(model.main)

@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from assets import load_text, token_windows
+from assets import add_model_flags, load_text, model_from_flags, token_windows
 from compress import budget_of, check_budget, compress, full_cache, load_projections, set_ranks
 from eval import SWEEP_BUDGETS, kl_and_top1
-from model import KVNestError, Transformer, add_model_flags, model_from_flags, rope_cos_sin, run_cli
+from model import KVNestError, Transformer, rope_cos_sin, run_cli
 
 
 class SuffixRunner:

@@ -22,13 +22,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from assets import load_text, token_windows
-from assets import save_checkpoint
-from compress import (KEY_MODES, Projections, compress, full_cache, load_projections, pca_projections, set_bases,
-                      set_ranks, uniform_ranks)
-from gate import Gate, calibrate_gate, check_keep, eviction_table, load_gate, prefill_and_evict, restore_full
+from assets import add_model_flags, load_text, model_from_flags, token_windows
+from compress import (KEY_MODES, Projections, compress, full_cache, load_projections, pca_projections,
+                      save_projections, set_bases, set_ranks, uniform_ranks)
+from gate import (Gate, calibrate_gate, check_keep, eviction_table, load_gate, prefill_and_evict, restore_full,
+                  save_gate)
 from eval import SWEEP_BUDGETS, eval_windows, kl_and_top1, score
-from model import KVNestError, Transformer, add_model_flags, model_from_flags, run_cli
+from model import KVNestError, Transformer, run_cli
 
 # Flags that define what is trained; a resumed run must agree on them.
 RUN_FLAGS = ("method", "key_mode", "seq_len", "batch", "lr", "warmup", "clip", "kl_weight", "ce_weight",
@@ -93,12 +93,12 @@ def check_resume(out: Path, meta: dict, cfg: dict) -> int:
     return meta["step"]
 
 
-def fit(module: torch.nn.Module, names: list, step_loss, cfg: dict, out: Path, meta: dict, start: int = 0,
-        extra: dict | None = None, save_every: int = 50, stop_after: int | None = None, desc: str = "train"):
+def fit(module: torch.nn.Module, names: list, step_loss, save, cfg: dict, start: int = 0, extra: dict | None = None,
+        save_every: int = 50, stop_after: int | None = None, desc: str = "train"):
     """AdamW on module's parameters `names` with warm-up + cosine lr and gradient clipping, from step `start`.
     step_loss(step, generator) -> (loss, tokens); every step's generator is seeded by (seed, step), so a resumed
-    run repeats an uninterrupted one. Checkpoints (module state + optimizer state) are written atomically every
-    `save_every` steps and at the end; `stop_after` ends early after that step, as an interruption would."""
+    run repeats an uninterrupted one. save(step, optimizer tensors) writes the method's checkpoint (atomically)
+    every `save_every` steps and at the end; `stop_after` ends early after that step, as an interruption would."""
     params = [getattr(module, n) for n in names]
     opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=0.0)
     load_optimizer_tensors(opt, names, extra or {})
@@ -116,7 +116,7 @@ def fit(module: torch.nn.Module, names: list, step_loss, cfg: dict, out: Path, m
         tokens += n
         bar.set_postfix(loss=f"{loss.item():.4f}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
         if (step + 1) % save_every == 0 or step + 1 in (steps, stop_after):
-            save_checkpoint(out, {**module.state_dict(), **optimizer_tensors(opt, names)}, dict(meta, step=step + 1))
+            save(step + 1, optimizer_tensors(opt, names))
         if step + 1 == stop_after:
             break
 
@@ -135,7 +135,7 @@ def train_matryoshka(model: Transformer, ids: torch.Tensor, cfg: dict, out: Path
     else:
         proj = pca_projections(model, calib, cfg["key_mode"])
     compress(model, proj)
-    meta = dict(meta_extra, kvnest="matryoshka", key_mode=proj.key_mode, model=model.fingerprint(), config=cfg)
+    meta = dict(meta_extra, model=model.fingerprint(), config=cfg)
 
     def step_loss(step, gen):
         x = sample_batch(ids, cfg["batch"], cfg["seq_len"], gen).to(model.inv_freq.device)
@@ -147,7 +147,10 @@ def train_matryoshka(model: Transformer, ids: torch.Tensor, cfg: dict, out: Path
         with autocast_for(model):
             return distill_loss(teacher, model(inputs), targets, cfg["kl_weight"], cfg["ce_weight"]), inputs.numel()
 
-    fit(proj, ["W_k", "W_v", "b_v"], step_loss, cfg, out, meta, start, extra, desc="train matryoshka", **fit_kw)
+    def save(step, opt_tensors):
+        save_projections(out, proj, dict(meta, step=step), opt_tensors)
+
+    fit(proj, ["W_k", "W_v", "b_v"], step_loss, save, cfg, start, extra, desc="train matryoshka", **fit_kw)
     set_bases(model, proj)
     return proj
 
@@ -167,8 +170,7 @@ def train_gate(model: Transformer, ids: torch.Tensor, cfg: dict, out: Path, meta
         gate = Gate(a.n_layers, a.n_kv_heads, a.dim, seed=cfg["seed"]).to(model.inv_freq.device)
         calib = sample_batch(ids, cfg["batch"], cfg["seq_len"], torch.Generator().manual_seed(cfg["seed"]))
         calibrate_gate(model, gate, calib[:, :ctx].to(model.inv_freq.device), cfg["keep"])
-    meta = dict(meta_extra, kvnest="gate", keep=cfg["keep"], gate_heads=gate.gate_heads, gate_dim=gate.gate_dim,
-                model=model.fingerprint(), config=cfg)
+    meta = dict(meta_extra, keep=cfg["keep"], model=model.fingerprint(), config=cfg)
 
     def step_loss(step, gen):
         x = sample_batch(ids, cfg["batch"], cfg["seq_len"], gen).to(model.inv_freq.device)
@@ -182,7 +184,10 @@ def train_gate(model: Transformer, ids: torch.Tensor, cfg: dict, out: Path, meta
         loss = distill_loss(teacher, student, x[:, ctx + 1:], cfg["kl_weight"], cfg["ce_weight"])
         return loss + cfg["keep_weight"] * (kept - cfg["keep"]) ** 2, student.shape[0] * student.shape[1]
 
-    fit(gate, ["w", "u", "c", "wq", "wk"], step_loss, cfg, out, meta, start, extra, desc="train gate", **fit_kw)
+    def save(step, opt_tensors):
+        save_gate(out, gate, dict(meta, step=step), opt_tensors)
+
+    fit(gate, ["w", "u", "c", "wq", "wk"], step_loss, save, cfg, start, extra, desc="train gate", **fit_kw)
     restore_full(model)
     return gate
 

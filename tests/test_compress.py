@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import run_config
-from compress import (KEY_MODES, Projections, budget_of, compress, fold_values, full_cache, load_projections,
+from compress import (KEY_MODES, budget_of, compress, fold_values, full_cache, load_projections,
                       load_ranks, pca_projections, save_projections, set_ranks, uniform_ranks)
 from model import KVNestError, apply_rope, generate, load_model, rope_cos_sin
 from search import greedy_search
