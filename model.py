@@ -385,6 +385,11 @@ def main(argv=None) -> None:
     p.add_argument("--projections", help="MatryoshkaKV checkpoint (train.py) for a compressed cache")
     p.add_argument("--budget", type=float, help="MatryoshkaKV budget in (0, 1] with --projections")
     p.add_argument("--ranks", help="per-head ranks JSON from search.py, with --projections")
+    p.add_argument("--evict", choices=["streaming", "h2o", "snapkv", "random", "gate"], help="evict the prompt")
+    p.add_argument("--gate", help="gate checkpoint from `python train.py --method gate`, with --evict gate")
+    p.add_argument("--keep", type=float, default=0.5, help="kept fraction of the prompt's cache with --evict")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode with the compiled step of kernels.py (default: on CUDA)")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     model, tok, _ = model_from_flags(args)
@@ -393,12 +398,20 @@ def main(argv=None) -> None:
         compress_from_flags(model, args.projections, args.budget, args.ranks)
     ids = tok.encode(chatml(args.prompt) if args.chat else args.prompt)
     max_len = args.max_len or len(ids) + args.max_new_tokens
-    if len(ids) >= max_len:
-        raise KVNestError(f"prompt of {len(ids)} tokens does not fit a cache of {max_len}; raise --max-len")
-    model.setup_cache(1, max_len)
+    if len(ids) >= max_len or max_len > model.args.max_seq_len:
+        raise KVNestError(f"prompt of {len(ids)} tokens plus {args.max_new_tokens} new does not fit a cache of "
+                          f"{min(max_len, model.args.max_seq_len)}; raise --max-len or shorten the prompt")
+    compiled = args.device.startswith("cuda") if args.compile is None else args.compile
+    if compiled or args.evict:  # kernels.Decoder stands in for the model: static caches, one step at a time
+        from kernels import Decoder, policy_from_flags
+        policy = policy_from_flags(model, args.evict, args.gate, args.keep)
+        runner = Decoder(model, max_len - len(ids), *policy, compile=compiled)
+    else:
+        runner = model
+        model.setup_cache(1, max_len)
     stop = set(model.args.eos_ids) | {tok.token_id("<|im_end|>")} - {None}
     out, shown, t0 = [], "", time.perf_counter()
-    for nxt in generate(model, torch.tensor([ids], device=args.device), args.max_new_tokens, args.temperature, stop):
+    for nxt in generate(runner, torch.tensor([ids], device=args.device), args.max_new_tokens, args.temperature, stop):
         if int(nxt[0]) in stop:
             break
         out.append(int(nxt[0]))
@@ -406,8 +419,9 @@ def main(argv=None) -> None:
         print(text[len(shown):], end="", flush=True)
         shown = text
     dt = time.perf_counter() - t0
-    print(f"\n[{len(out)} tokens in {dt:.2f}s: {len(out) / dt:.1f} tokens/s, KV cache {model.cache_bytes() / 2**20:.2f} "
-          f"MiB]", file=sys.stderr)
+    kv = runner.nbytes() if runner is not model else model.cache_bytes()
+    print(f"\n[{len(out)} tokens in {dt:.2f}s: {len(out) / dt:.1f} tokens/s, KV cache {kv / 2**20:.2f} MiB]",
+          file=sys.stderr)
 
 
 def run_cli(main_fn) -> None:

@@ -1,18 +1,29 @@
 """bench.py measures every cache kind side by side; its byte counts are those of the cache tensors."""
 import torch
 
-from bench import bench
+from bench import KINDS, bench, capacity, table
 from model import load_model
 
 
-def test_bench_rows_and_byte_ratios(tiny_llama):
+def test_bench_rows_bytes_and_capacity(tiny_llama):
     model = load_model(tiny_llama[0])
-    rows = bench(model, context=64, steps=3, budget=0.5, keep=0.25)
-    names = [r[0] for r in rows]
-    assert names[0] == "full cache" and len(rows) == 4 and all(r[1] > 0 for r in rows)
-    full = 2 * 2 * 2 * (64 + 4) * 16 * 4  # K and V, 2 layers, 2 KV heads, 68 slots, D = 16, fp32
-    assert rows[0][2] == full and rows[1][2] == rows[2][2] == full // 2
-    assert rows[3][2] == 2 * 2 * 2 * (16 + 4) * 16 * 4  # 16 kept context entries + room for 4 decoded per head
+    rows = bench(model, contexts=[64], batches=[1, 2], steps=2, budget=0.5, keep=0.25, compile=False)
+    assert [(r["kind"], r["batch"]) for r in rows] == [(k, b) for b in (1, 2) for k in KINDS]
+    assert all(r["fits"] and r["step_s"] > 0 and r["peak_bytes"] > 0 for r in rows)
+    by = {(r["kind"], r["batch"]): r for r in rows}
+    slots = 64 + 65  # context + room (4 new tokens rounded up to the bucket of 64, plus one spare)
+    per_slot = 2 * 2 * 2 * 16 * 4  # K and V, 2 layers, 2 KV heads, D = 16, fp32
+    for b in (1, 2):
+        assert by["full", b]["kv_bytes"] == b * slots * per_slot
+        assert by["matryoshka", b]["kv_bytes"] == by["matryoshka-pre", b]["kv_bytes"] == b * slots * per_slot // 2
+        assert by["eviction", b]["kv_bytes"] == b * (16 + 65) * per_slot  # 16 of 64 context entries kept
+        assert by["both", b]["kv_bytes"] == b * (16 + 65) * per_slot // 2
+        assert by["full", b]["read_bytes"] == b * (64 + 64) * per_slot  # a step reads the prefix, not the buffer
+    assert table(rows, torch.device("cpu")).count("\n") == len(rows) + 1
+    cap = capacity(model, [1, 4], 0.5, 0.25)
+    assert cap["full"][1] // 4 - cap["full"][4] <= 1
+    for kind, gain in (("matryoshka", 2), ("eviction", 4), ("both", 8)):
+        assert abs(cap[kind][1] / cap["full"][1] - gain) < 1e-3
     x = torch.randint(0, 128, (1, 8))
     with torch.no_grad():  # bench leaves the model as it found it
         assert torch.equal(model(x), load_model(tiny_llama[0])(x))

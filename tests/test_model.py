@@ -130,7 +130,8 @@ def test_cli_prompt_longer_than_cache_is_one_line(tiny_llama, tmp_path):
     folder = tiny_llama[0]
     r = run_script("model.py", "--model", str(folder), "--prompt", "w1 w2 w3 w4 w5", "--max-len", "4")
     assert r.returncode == 2
-    assert r.stderr.strip() == "error: prompt of 5 tokens does not fit a cache of 4; raise --max-len"
+    assert r.stderr.strip() == ("error: prompt of 5 tokens plus 100 new does not fit a cache of 4; raise --max-len "
+                                "or shorten the prompt")
     ok = run_script("model.py", "--model", str(folder), "--prompt", "w1 w2 w3", "--max-new-tokens", "5")
     assert ok.returncode == 0 and "tokens/s" in ok.stderr
 
