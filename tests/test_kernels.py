@@ -111,7 +111,8 @@ def test_cache_bytes_are_the_tensors_bytes_and_the_budget(llama):
     full = Decoder(llama, STEPS, bucket=4, compile=False)
     full(x, 0)
     tensors = [t for layer in full.groups for g in layer for t in (g.k, g.v)]
-    assert full.nbytes() == sum(t.nbytes for t in tensors) == 2 * 2 * 2 * 2 * (20 + 9) * 16 * 4  # K,V L B H S D fp32: 8 + 1 slots of room
+    # K and V, 2 layers, batch 2, 2 KV heads, 20 context slots + 8 + 1 of room, D = 16, fp32
+    assert full.nbytes() == sum(t.nbytes for t in tensors) == 2 * 2 * 2 * 2 * (20 + 9) * 16 * 4
     compress(llama, trained_like(llama))
     set_ranks(llama, *uniform_ranks(llama, 0.25))
     mat = Decoder(llama, STEPS, bucket=4, compile=False)
