@@ -75,18 +75,17 @@ def reset_peak(device) -> None:
         Path("/proc/self/clear_refs").write_text("5")
 
 
+def proc_kib(path: str, field: str) -> int:
+    """A `field: N kB` line of a Linux /proc file, in bytes."""
+    return int(next(line.split()[1] for line in Path(path).read_text().splitlines() if line.startswith(field))) * 1024
+
+
 def peak_bytes(device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated()
-    status = Path("/proc/self/status").read_text()
-    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))) * 1024
+    return torch.cuda.max_memory_allocated() if device.type == "cuda" else proc_kib("/proc/self/status", "VmHWM")
 
 
 def free_bytes(device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info()[0]
-    meminfo = Path("/proc/meminfo").read_text()
-    return int(next(line.split()[1] for line in meminfo.splitlines() if line.startswith("MemAvailable"))) * 1024
+    return torch.cuda.mem_get_info()[0] if device.type == "cuda" else proc_kib("/proc/meminfo", "MemAvailable")
 
 
 @torch.no_grad()
@@ -124,14 +123,22 @@ def bytes_per_token(model, plain, kind, budget, keep) -> float:
     return (sizes[1] - sizes[0]) / 512
 
 
+def bytes_per_token_of(model: Transformer, budget: float, keep: float, kinds=KINDS) -> dict:
+    """{kind: cache bytes per context token at batch 1}."""
+    plain = [layer.attn for layer in model.layers]
+    per_token = {k: bytes_per_token(model, plain, k, budget, keep) for k in kinds}
+    set_kind(model, plain, "full", 1.0)
+    return per_token
+
+
 def bench(model: Transformer, contexts: list, batches: list, steps: int, budget: float, keep: float,
-          kinds=KINDS, compile: bool = True) -> list:
-    """One dict per (kind, context, batch) that fits: seconds per step, cache bytes, bytes read, peak memory."""
+          per_token: dict, compile: bool = True) -> list:
+    """One dict per (kind in per_token, context, batch): seconds per step, cache bytes, bytes read, peak memory;
+    fits=False where the cache would not fit."""
     from tqdm import tqdm
     device = model.lm_head.weight.device
     plain = [layer.attn for layer in model.layers]
-    per_token = {k: bytes_per_token(model, plain, k, budget, keep) for k in kinds}
-    weights, rows = weight_bytes(model), []
+    kinds, weights, rows = list(per_token), weight_bytes(model), []
     budget_bytes = 0.9 * free_bytes(device)
     grid = [(c, b, k) for c in contexts for b in batches for k in kinds]
     for context, batch, kind in (bar := tqdm(grid, desc="bench")):
@@ -150,13 +157,10 @@ def bench(model: Transformer, contexts: list, batches: list, steps: int, budget:
     return rows
 
 
-def capacity(model: Transformer, batches: list, budget: float, keep: float, kinds=KINDS) -> dict:
+def capacity(per_token: dict, batches: list, device) -> dict:
     """{kind: {batch: largest context}} whose cache fits in the free memory beside the weights (10% margin)."""
-    plain = [layer.attn for layer in model.layers]
-    free = 0.9 * free_bytes(model.lm_head.weight.device)
-    out = {k: {b: int(free // (bytes_per_token(model, plain, k, budget, keep) * b)) for b in batches} for k in kinds}
-    set_kind(model, plain, "full", 1.0)
-    return out
+    free = 0.9 * free_bytes(device)
+    return {k: {b: int(free // (bytes * b)) for b in batches} for k, bytes in per_token.items()}
 
 
 def table(rows: list, device) -> str:
@@ -200,12 +204,13 @@ def main(argv=None):
     else:
         model = model_from_flags(args)[0]
     contexts, batches = ([int(x) for x in s.split(",")] for s in (args.contexts, args.batches))
-    rows = bench(model, contexts, batches, args.steps, args.budget, args.keep, kinds, not args.eager)
+    per_token = bytes_per_token_of(model, args.budget, args.keep, kinds)
+    rows = bench(model, contexts, batches, args.steps, args.budget, args.keep, per_token, not args.eager)
     device = model.lm_head.weight.device
     name = args.shape or "default model"
     print(f"\n{name}, {device.type}, {args.dtype}, {'eager' if args.eager else 'compiled'}, budget {args.budget}, "
           f"keep {args.keep}\n\n{table(rows, device)}\n")
-    cap = capacity(model, batches, args.budget, args.keep, kinds)
+    cap = capacity(per_token, batches, device)
     print("| largest context that fits | " + " | ".join(f"batch {b}" for b in batches) + " |")
     print("|---" * (len(batches) + 1) + "|")
     for kind, per_batch in cap.items():

@@ -258,10 +258,14 @@ class CompactCache(nn.Module):
         return sum(int(n.sum()) * per for n in self.length)
 
 
-def evicting(model: Transformer) -> list:
-    """Swap every attention layer for an EvictingAttention (idempotent); returns them."""
+def check_evictable(model: Transformer) -> None:
     if model.args.sliding_window:
         raise KVNestError("eviction with a sliding-window (Mistral) model is not supported; use a full-attention model")
+
+
+def evicting(model: Transformer) -> list:
+    """Swap every attention layer for an EvictingAttention (idempotent); returns them."""
+    check_evictable(model)
     for i, layer in enumerate(model.layers):
         if not isinstance(layer.attn, EvictingAttention):
             layer.attn = EvictingAttention(layer.attn, i)

@@ -52,10 +52,9 @@ class HeadGroup(nn.Module):
     U_k (n, D, r_k), U_v (n, D, r_v), b_v (n, D) compress new entries (None: the full cache); W_o (dim, n * G * r_v)
     maps the group's attention output straight to the model dimension (U_v^T folded into o_proj)."""
 
-    def __init__(self, heads: list, G: int, k, v, length, W_o, U_k=None, U_v=None, b_v=None, pre_rope=False,
-                 window=None):
+    def __init__(self, heads: list, k, v, length, W_o, U_k=None, U_v=None, b_v=None, pre_rope=False, window=None):
         super().__init__()
-        self.G, self.base, self.pre_rope, self.window = G, int(length.max()), pre_rope, window
+        self.base, self.pre_rope, self.window = int(length.max()), pre_rope, window
         self.register_buffer("heads", torch.tensor(heads, device=k.device), persistent=False)
         for name, t in (("k", k), ("v", v), ("length", length), ("W_o", W_o), ("U_k", U_k), ("U_v", U_v),
                         ("b_v", b_v)):
@@ -98,12 +97,16 @@ class HeadGroup(nn.Module):
 
 
 def matryoshka_state(attn) -> dict | None:
-    """A compressed layer's bases and ranks (compress.MatryoshkaAttention), or None for a full-cache layer."""
-    from compress import MatryoshkaAttention
+    """A compressed layer's bases, ranks and o_proj with U_v^T and the offset folded in (W_o (dim, sum G * r_v),
+    o_bias (dim,)), or None for a full-cache layer."""
+    from compress import MatryoshkaAttention, fold_values
     if not isinstance(attn, MatryoshkaAttention):
         return None
-    return {"U_k": attn.U_k.detach(), "U_v": attn.U_v.detach(), "b_v": attn.b_v.detach(),
-            "rank_k": attn.rank_k.tolist(), "rank_v": attn.rank_v.tolist(), "key_mode": attn.key_mode}
+    state = {"U_k": attn.U_k.detach(), "U_v": attn.U_v.detach(), "b_v": attn.b_v.detach(),
+             "rank_k": attn.rank_k.tolist(), "rank_v": attn.rank_v.tolist(), "key_mode": attn.key_mode}
+    state["W_o"], state["o_bias"] = fold_values(attn.o_proj.weight, state["U_v"], state["b_v"], state["rank_v"],
+                                                attn.n_heads)
+    return state
 
 
 def make_groups(attn, mat: dict | None, k_c: list, v_c: list, length, room: int) -> list:
@@ -112,11 +115,8 @@ def make_groups(attn, mat: dict | None, k_c: list, v_c: list, length, room: int)
     group when they share r_k, r_v and the most entries any sequence holds (after eviction heads keep different
     counts), so that no head reads slots it does not hold."""
     H_kv, D, G = attn.n_kv_heads, attn.head_dim, attn.n_heads // attn.n_kv_heads
-    W = attn.o_proj.weight  # (dim, H * D)
+    W = mat["W_o"] if mat else attn.o_proj.weight  # (dim, sum over query heads of r_v)
     rank_k, rank_v = (mat["rank_k"], mat["rank_v"]) if mat else ([D] * H_kv, [D] * H_kv)
-    if mat is not None:
-        from compress import fold_values
-        W, _ = fold_values(attn.o_proj.weight, mat["U_v"], mat["b_v"], rank_v, attn.n_heads)
     held = length.max(0).values.tolist()  # (H_kv,) the most entries any sequence holds per head
     keys = [(rank_k[h], rank_v[h], held[h]) for h in range(H_kv)]
     widths = [G * rank_v[h] for h in range(H_kv)]
@@ -138,7 +138,7 @@ def make_groups(attn, mat: dict | None, k_c: list, v_c: list, length, room: int)
             U = {"U_k": torch.stack([mat["U_k"][h, :, : mat["rank_k"][h]] for h in heads]),
                  "U_v": torch.stack([mat["U_v"][h, :, : mat["rank_v"][h]] for h in heads]),
                  "b_v": mat["b_v"][heads], "pre_rope": mat["key_mode"] == "pre_rope"}
-        groups.append(HeadGroup(heads, G, *bufs, n_len.clone(), W_o, window=attn.window, **U))  # W_o (dim, n*G*r_v)
+        groups.append(HeadGroup(heads, *bufs, n_len.clone(), W_o, window=attn.window, **U))  # W_o (dim, n*G*r_v)
     return groups
 
 
@@ -157,17 +157,15 @@ class Decoder(nn.Module):
         if policy is not None and any(m and m["key_mode"] == "pre_rope" for m in self.layer_state):
             raise KVNestError("compiled eviction with pre-RoPE projections is not supported (kept entries lose their "
                               "positions); use projections trained with --key-mode post_rope")
-        if policy is not None and model.args.sliding_window:
-            raise KVNestError("eviction with a sliding-window (Mistral) model is not supported; use a full-attention "
-                              "model")
+        if policy is not None:
+            from gate import check_evictable
+            check_evictable(model)
         self.groups, self.t, self.ctx = nn.ModuleList(), 0, 0
         self.register_buffer("o_bias", torch.zeros(model.args.n_layers, model.args.dim,
                                                    device=model.inv_freq.device), persistent=False)
         for i, m in enumerate(self.layer_state):
             if m is not None:
-                from compress import fold_values
-                attn = model.layers[i].attn
-                self.o_bias[i] = fold_values(attn.o_proj.weight, m["U_v"], m["b_v"], m["rank_v"], attn.n_heads)[1]
+                self.o_bias[i] = m["o_bias"]
         cuda = model.inv_freq.is_cuda  # the plain function, not a bound method: no cycle keeps the caches alive
         self.step = (torch.compile(Decoder.eager_step, fullgraph=True, dynamic=True,
                                    mode="reduce-overhead" if cuda else None) if compile else Decoder.eager_step)
@@ -229,29 +227,21 @@ class Decoder(nn.Module):
         return k_c, v_c, torch.full((B, attn.n_kv_heads), T, device=attn.o_proj.weight.device)
 
     def evicted_entries(self, tokens):
-        """Full-attention prefill and eviction (gate.py), then each head's kept entries, compressed if the layer is."""
+        """Full-attention prefill and eviction into gate.py's CompactCache (no room), then each head's kept entries,
+        compressed if the layer is."""
         from gate import prefill_and_evict, restore_full
         model = self.model
         originals = [layer.attn for layer in model.layers]
         try:
-            logits, flags = prefill_and_evict(model, tokens, self.policy, self.keep, self.exact)
+            logits, _ = prefill_and_evict(model, tokens, self.policy, self.keep, self.exact, compact=True)
             per_layer = []
-            for layer, f, m in zip(model.layers, flags, self.layer_state):
-                a, keep = layer.attn, f.bool()  # keep: (B, H_kv, T)
-                k_c, v_c = [], []
-                for h in range(a.n_kv_heads):
-                    n = int(keep[:, h].sum(-1).max())
-                    k, v = a.ctx_k.new_zeros(keep.shape[0], n, a.head_dim), a.ctx_v.new_zeros(keep.shape[0], n,
-                                                                                              a.head_dim)
-                    for b in range(keep.shape[0]):
-                        idx = keep[b, h].nonzero()[:, 0]
-                        k[b, : len(idx)], v[b, : len(idx)] = a.ctx_k[b, h, idx], a.ctx_v[b, h, idx]
-                    if m is not None:  # compress what is kept (keys after RoPE)
-                        k = k @ m["U_k"][h, :, : m["rank_k"][h]]
-                        v = (v - m["b_v"][h]) @ m["U_v"][h, :, : m["rank_v"][h]]
-                    k_c.append(k)
-                    v_c.append(v)
-                per_layer.append((k_c, v_c, keep.sum(-1)))
+            for layer, m in zip(model.layers, self.layer_state):
+                kept = layer.attn.cache  # per head (B, n_h, D) keys and values, left-aligned; length (B,)
+                k_c, v_c = list(kept.k), list(kept.v)
+                if m is not None:  # compress what is kept (keys after RoPE)
+                    k_c = [k @ m["U_k"][h, :, : m["rank_k"][h]] for h, k in enumerate(k_c)]
+                    v_c = [(v - m["b_v"][h]) @ m["U_v"][h, :, : m["rank_v"][h]] for h, v in enumerate(v_c)]
+                per_layer.append((k_c, v_c, torch.stack(kept.length, 1)))
         finally:
             restore_full(model)
             for layer, attn in zip(model.layers, originals):

@@ -1,13 +1,15 @@
 """bench.py measures every cache kind side by side; its byte counts are those of the cache tensors."""
 import torch
 
-from bench import KINDS, bench, capacity, table
+from bench import KINDS, bench, bytes_per_token_of, capacity, table
 from model import load_model
 
 
 def test_bench_rows_bytes_and_capacity(tiny_llama):
     model = load_model(tiny_llama[0])
-    rows = bench(model, contexts=[64], batches=[1, 2], steps=2, budget=0.5, keep=0.25, compile=False)
+    per_token = bytes_per_token_of(model, 0.5, 0.25)
+    rows = bench(model, contexts=[64], batches=[1, 2], steps=2, budget=0.5, keep=0.25, per_token=per_token,
+                 compile=False)
     assert [(r["kind"], r["batch"]) for r in rows] == [(k, b) for b in (1, 2) for k in KINDS]
     assert all(r["fits"] and r["step_s"] > 0 and r["peak_bytes"] > 0 for r in rows)
     by = {(r["kind"], r["batch"]): r for r in rows}
@@ -20,7 +22,7 @@ def test_bench_rows_bytes_and_capacity(tiny_llama):
         assert by["both", b]["kv_bytes"] == b * (16 + 65) * per_slot // 2
         assert by["full", b]["read_bytes"] == b * (64 + 64) * per_slot  # a step reads the prefix, not the buffer
     assert table(rows, torch.device("cpu")).count("\n") == len(rows) + 1
-    cap = capacity(model, [1, 4], 0.5, 0.25)
+    cap = capacity(per_token, [1, 4], torch.device("cpu"))
     assert cap["full"][1] // 4 - cap["full"][4] <= 1
     for kind, gain in (("matryoshka", 2), ("eviction", 4), ("both", 8)):
         assert abs(cap[kind][1] / cap["full"][1] - gain) < 1e-3

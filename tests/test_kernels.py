@@ -9,7 +9,8 @@ import torch
 
 from compress import compress, set_ranks, uniform_ranks
 from gate import Gate, SnapKV, calibrate_gate, prefill_and_evict, restore_full
-from kernels import Decoder, round_up
+from bench import main as bench_main
+from kernels import Decoder, policy_from_flags, round_up
 from model import KVNestError, load_model
 from test_compress import random_ranks, tokens, trained_like
 
@@ -149,6 +150,12 @@ def test_bad_use_is_a_clear_error(llama, tiny_mistral):
     with pytest.raises(KVNestError, match="use projections trained with --key-mode post_rope"):
         Decoder(llama, 2, SnapKV(), 0.5)
     assert round_up(5, 4) == 8 and round_up(8, 4) == 8
+    with pytest.raises(KVNestError, match="--evict gate needs --gate"):
+        policy_from_flags(llama, "gate", None, 0.5)
+    with pytest.raises(KVNestError, match="keep ratio 1.5 is outside"):
+        policy_from_flags(llama, "snapkv", None, 1.5)
+    with pytest.raises(KVNestError, match=r"unknown kinds \['nope'\]; choose from full"):
+        bench_main(["--kinds", "full,nope"])
 
 
 def test_cli_compiled_generation_equals_eager(tiny_llama):
