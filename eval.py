@@ -12,15 +12,19 @@ The full model on the default data gives perplexity 17.07 (6 x 512 tokens, fp32)
     python eval.py --projections runs/matryoshka.safetensors --ranks runs/ranks.json --budget 0.5
     python eval.py --projections runs/matryoshka.safetensors --ranks runs/ranks.json --sweep
 
-Eviction (gate.py) follows its own protocol: each of 8 windows of 512 tokens is a 384-token context, evicted after
-prefill, and a 128-token continuation, whose predictions are scored against the full cache.
+Eviction (evict.py, gate.py) follows its own protocol: each of 8 windows of 512 tokens is a 384-token context,
+evicted after the prefill (or inside it), and a 128-token continuation, whose predictions are scored against the
+full cache.
 
     python eval.py --evict h2o --keep 0.25
+    python eval.py --evict gate --gate runs/gate.safetensors --keep 0.5 --protocol inside
+    python eval.py --evict gate --gate runs/gate.safetensors --keep 0.5 --gate-new --window 32
     python eval.py --evict gate --gate runs/gate.safetensors --keep 0.5
     python eval.py --evict-sweep --gate runs/gate.safetensors
 """
 import argparse
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -132,27 +136,90 @@ def plot_curves(curves: dict, xlabel: str, ylabel: str, title: str, path: Path, 
 EVICT_KEEPS = (0.75, 0.5, 0.25, 0.125)
 
 
+@torch.no_grad()
+def score_eviction(model: Transformer, windows: torch.Tensor, policy, keep: float, ctx_len: int = 384,
+                   exact: bool | None = None, protocol=None) -> dict:
+    """Each window (N, T) is a context of ctx_len tokens and a continuation. Scores the continuation's T - ctx_len
+    predictions (logits at positions ctx_len - 1 ... T - 2): perplexity, KL(full || evicted), top-1 agreement, the
+    achieved kept fraction of the context entries, and with protocol.gate_new the kept fraction of the judged
+    decoded tokens (their cache then really shrinks: the continuation runs from the compact cache)."""
+    from evict import Protocol, kept_fraction, prefill_and_evict, restore_full
+    protocol = protocol or Protocol()
+    nll = kl = top1 = kept = 0.0
+    n = new_kept = new_decided = 0
+    for w in windows:
+        w = w[None].to(model.inv_freq.device)
+        restore_full(model)
+        ref = model(w[:, :-1])[0, ctx_len - 1:]  # (T - ctx_len, V)
+        ctx_logits, flags = prefill_and_evict(model, w[:, :ctx_len], policy, keep, exact, compact=protocol.gate_new,
+                                              max_new=w.shape[1] - ctx_len, protocol=protocol)
+        logits = torch.cat([ctx_logits[0, -1:], model(w[:, ctx_len:-1], ctx_len)[0]]).float()
+        nll += F.cross_entropy(logits, w[0, ctx_len:], reduction="sum").item()
+        k, t = kl_and_top1(ref, logits)
+        kl, top1, kept, n = kl + k.sum().item(), top1 + t.sum().item(), kept + kept_fraction(flags), n + len(logits)
+        if protocol.gate_new:
+            judged = [layer.attn.cache.new_tokens for layer in model.layers]
+            new_kept, new_decided = new_kept + sum(g.kept for g in judged), new_decided + sum(g.decided for g in judged)
+    restore_full(model)
+    out = {"perplexity": math.exp(nll / n), "kl": kl / n, "top1": top1 / n, "keep": kept / len(windows)}
+    if protocol.gate_new:
+        out["new_tokens_keep"] = new_kept / max(new_decided, 1)
+    return out
+
+
+def eviction_table(model: Transformer, windows: torch.Tensor, gates: dict, keeps: list, ctx_len: int = 384,
+                   methods=("streaming", "h2o", "snapkv", "random"), protocol=None) -> tuple[str, dict]:
+    """Markdown rows: continuation perplexity (KL) of every method at every keep ratio; gates are scored at the
+    exact keep ratio (one threshold over all layers and heads; over each layer's heads inside the prefill).
+    Returns (table, {method: {keep: result}})."""
+    from evict import Protocol, StreamingLLM, baseline
+    protocol = protocol or Protocol()
+    results = {}
+    for keep in tqdm(keeps, desc="eviction table"):
+        for name in methods:
+            results.setdefault(name, {})[keep] = score_eviction(model, windows, baseline(name, keep), keep, ctx_len,
+                                                                protocol=protocol)
+        for name, g in gates.items():
+            results.setdefault(name, {})[keep] = score_eviction(model, windows, g, keep, ctx_len, True, protocol)
+    full = score_eviction(model, windows, StreamingLLM(), 1.0, ctx_len)["perplexity"]
+    names = list(results)
+    lines = [f"| keep | {' | '.join(names)} |", "|---" * (len(names) + 1) + "|"]
+    for keep in keeps:
+        lines.append(f"| {keep:.1%} | " + " | ".join(f"{results[n][keep]['perplexity']:.3f} "
+                                                      f"({results[n][keep]['kl']:.4f})" for n in names) + " |")
+    where = "inside the prefill (gates: one threshold per layer)" if protocol.inside else \
+        "after the prefill (gates: one threshold over all layers)"
+    note = (f"\nContinuation perplexity (KL to the full cache); {len(windows)} windows, {ctx_len}-token context, "
+            f"eviction {where}, {protocol.sinks} forced sinks, recent window {protocol.window}; baselines keep "
+            f"the same number per (layer, KV head). Full cache: {full:.3f}.")
+    return "\n".join(lines) + note, results
+
+
 def eviction_main(args, model, tok) -> None:
     """--evict METHOD / --evict-sweep: continuation perplexity and KL after evicting the context's cache."""
-    from gate import baseline, eviction_table, load_gate, score_eviction
+    from evict import Protocol, baseline
+    from gate import load_gate
+    protocol = Protocol(args.protocol == "inside", args.sinks, args.window, args.gate_new)
     windows = eval_windows(tok, args.data, args.windows or 8, args.seq_len)
     gate = load_gate(args.gate, model)[0] if args.gate else None
     if args.evict == "gate" and gate is None:
         raise KVNestError("--evict gate needs --gate (a checkpoint from `python train.py --method gate`)")
     if args.evict_sweep:
         table, results = eviction_table(model, windows, {"gate": gate} if gate else {}, list(EVICT_KEEPS),
-                                        args.ctx_len)
+                                        args.ctx_len, protocol=protocol)
         out_dir = Path(args.out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "evict_sweep.md").write_text(table + "\n")
+        name = "evict_sweep" if args.protocol == "after" else "evict_sweep_inside"
+        (out_dir / f"{name}.md").write_text(table + "\n")
         plot_curves({n: {k: r["kl"] for k, r in res.items()} for n, res in results.items()}, "kept fraction of the "
-                    "context", "KL(full || evicted)", "Eviction after prefill", out_dir / "evict_sweep.png",
+                    "context", "KL(full || evicted)", f"Eviction {args.protocol} the prefill", out_dir / f"{name}.png",
                     invert_x=True, log_y=True)
         print(table)
         return
     policy = gate if args.evict == "gate" else baseline(args.evict, args.keep)
-    result = score_eviction(model, windows, policy, args.keep, args.ctx_len, exact=None if args.gate_threshold else True)
-    result = dict(method=args.evict, requested_keep=args.keep, **result)
+    result = score_eviction(model, windows, policy, args.keep, args.ctx_len,
+                            None if args.gate_threshold else True, protocol)
+    result = dict(method=args.evict, protocol=args.protocol, requested_keep=args.keep, **result)
     print(json.dumps(result, indent=2) if args.json else "  ".join(
         f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
 
@@ -175,6 +242,12 @@ def main(argv=None):
     p.add_argument("--gate-threshold", action="store_true", help="evict by the gate's own threshold (z >= 0) "
                    "instead of at exactly --keep; the achieved keep is reported")
     p.add_argument("--ctx-len", type=int, default=384, help="context tokens of each window with --evict")
+    p.add_argument("--protocol", choices=["after", "inside"], default="after",
+                   help="evict after a full-attention prefill (kvpress) or inside it (Attention-Gate)")
+    p.add_argument("--sinks", type=int, default=0, help="first context entries always kept")
+    p.add_argument("--window", type=int, default=0, help="last context entries always kept (inside the prefill: "
+                   "each query's recent window; with --gate-new: how many queries see a new token before it is judged)")
+    p.add_argument("--gate-new", action="store_true", help="gate decoded tokens too (needs --evict gate, --window)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     args = p.parse_args(argv)
     model, tok, folder = model_from_flags(args)

@@ -20,7 +20,7 @@ cache dominates, so bytes saved are time saved, but only when the step reads jus
      and rotated at every step (the Palu way), which `bench.py` measures.
 
 Kinds: the full cache; MatryoshkaKV (a model after compress.compress, with its ranks); eviction by a gate or a
-baseline policy (eviction after a full-attention prefill, as gate.py does); and both (the kept entries are then
+baseline policy (eviction after a full-attention prefill, as evict.py does); and both (the kept entries are then
 compressed, keys after RoPE only). The prefill runs eagerly through the model's own modules, so a kind decodes
 exactly as its eager path does: `Decoder` takes the place of the model in `model.generate`.
 
@@ -146,7 +146,7 @@ class Decoder(nn.Module):
     """Stands in for the model in `model.generate`: decoder(prompt, 0) prefills eagerly and builds the static
     caches, decoder(token, pos) runs one compiled decode step. The kind follows the model: plain layers give the
     full cache, compressed ones (compress.compress + set_ranks) MatryoshkaKV; a `policy` evicts to `keep` after the
-    prefill (gate.prefill_and_evict; exact as there)."""
+    prefill (evict.prefill_and_evict; exact as there)."""
 
     def __init__(self, model: Transformer, max_new: int, policy=None, keep: float = 1.0, exact=None,
                  bucket: int = 256, compile: bool = True):
@@ -158,7 +158,7 @@ class Decoder(nn.Module):
             raise KVNestError("compiled eviction with pre-RoPE projections is not supported (kept entries lose their "
                               "positions); use projections trained with --key-mode post_rope")
         if policy is not None:
-            from gate import check_evictable
+            from evict import check_evictable
             check_evictable(model)
         self.groups, self.t, self.ctx = nn.ModuleList(), 0, 0
         self.register_buffer("o_bias", torch.zeros(model.args.n_layers, model.args.dim,
@@ -227,9 +227,9 @@ class Decoder(nn.Module):
         return k_c, v_c, torch.full((B, attn.n_kv_heads), T, device=attn.o_proj.weight.device)
 
     def evicted_entries(self, tokens):
-        """Full-attention prefill and eviction into gate.py's CompactCache (no room), then each head's kept entries,
+        """Full-attention prefill and eviction into evict.py's CompactCache (no room), then each head's kept entries,
         compressed if the layer is."""
-        from gate import prefill_and_evict, restore_full
+        from evict import prefill_and_evict, restore_full
         model = self.model
         originals = [layer.attn for layer in model.layers]
         try:
@@ -299,7 +299,8 @@ def policy_from_flags(model: Transformer, evict: str | None, gate: str | None, k
     over all layers and heads, as eval.py scores it."""
     if evict is None:
         return None, 1.0, None
-    from gate import baseline, check_keep, load_gate
+    from evict import baseline, check_keep
+    from gate import load_gate
     check_keep(keep)
     if evict != "gate":
         return baseline(evict, keep), keep, None

@@ -1,4 +1,4 @@
-"""A LLaMA / Mistral decoder in one file: config, weights, a static KV cache, tokenizers and a generate CLI.
+"""A LLaMA / Mistral decoder in one file: config, weights, a static KV cache and a generate CLI.
 
 The model is the standard pre-norm decoder (Touvron et al., 2023, "LLaMA"):
 
@@ -11,7 +11,7 @@ query at position i sees keys j with i - window < j <= i.
 
 This file knows nothing of KV compression. The methods plug in through two seams:
   * `Attention` is a module that owns its cache (`attn.cache`) and makes it with `new_cache`; compress.py and
-    gate.py swap each `layer.attn` for a subclass that projects or evicts, reusing the same weights.
+    evict.py swap each `layer.attn` for a subclass that projects or evicts, reusing the same weights.
   * `Transformer.forward(tokens, pos)` runs a prefill (T tokens) or a decode step (T = 1) at absolute position
     `pos`; with no cache set up it is the plain uncached forward from position 0.
 """
@@ -165,7 +165,7 @@ class Attention(nn.Module):
         self.cache = None
 
     def share_weights(self, base: "Attention") -> None:
-        """Start a subclass instance (compress.py, gate.py) that reuses `base`'s weights and shape."""
+        """Start a subclass instance (compress.py, evict.py) that reuses `base`'s weights and shape."""
         nn.Module.__init__(self)
         self.n_heads, self.n_kv_heads, self.head_dim, self.window = (base.n_heads, base.n_kv_heads,
                                                                      base.head_dim, base.window)
@@ -322,44 +322,11 @@ def load_model(path, dtype=torch.float32, device="cpu") -> Transformer:
     return model.eval().requires_grad_(False)
 
 
-class Tokenizer:
-    """`tokenizer.json` through `tokenizers`, or `tokenizer.model` through sentencepiece. No BOS unless asked."""
-
-    def __init__(self, folder):
-        folder = Path(folder)
-        if (folder / "tokenizer.json").is_file():
-            from tokenizers import Tokenizer as HFTokenizer
-            self.hf = HFTokenizer.from_file(str(folder / "tokenizer.json"))
-            self.sp = None
-        elif (folder / "tokenizer.model").is_file():
-            import sentencepiece
-            self.sp, self.hf = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer.model")), None
-        else:
-            raise KVNestError(f"{folder} has no tokenizer.json or tokenizer.model; copy the model's tokenizer there")
-
-    def encode(self, text: str, bos_id: int | None = None) -> list[int]:
-        ids = self.hf.encode(text, add_special_tokens=False).ids if self.hf else self.sp.encode(text)
-        return ([bos_id] if bos_id is not None else []) + ids
-
-    def decode(self, ids: list[int]) -> str:
-        return self.hf.decode(ids, skip_special_tokens=True) if self.hf else self.sp.decode(ids)
-
-    def token_id(self, piece: str) -> int | None:
-        return self.hf.token_to_id(piece) if self.hf else (self.sp.piece_to_id(piece) or None)
-
-
-def chatml(prompt: str) -> str:
-    """The default model's chat template (ChatML with SmolLM's system line), ready for the assistant's turn."""
-    system = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
-    return (f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{prompt}<|im_end|>\n"
-            f"<|im_start|>assistant\n")
-
-
 @torch.no_grad()
 def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
              stop_ids=()):
     """Prefill the (B, T) prompt, then yield (B,) next tokens, one decode step at a time (greedy at T = 0).
-    The caller sets up the cache (model.setup_cache, or a compressed cache swapped in by compress.py/gate.py)."""
+    The caller sets up the cache (model.setup_cache, or a compressed cache swapped in by compress.py/evict.py)."""
     logits, pos = model(prompt, 0), prompt.shape[1]
     for _ in range(max_new_tokens):
         last = logits[:, -1].float()
@@ -374,7 +341,7 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, temp
 
 
 def main(argv=None) -> None:
-    from assets import add_model_flags, model_from_flags
+    from assets import add_model_flags, chatml, model_from_flags
     p = argparse.ArgumentParser(description="Generate text with a LLaMA/Mistral model (optionally compressed KV).")
     add_model_flags(p)
     p.add_argument("--prompt", required=True)

@@ -18,9 +18,10 @@ import random
 import torch
 from tqdm import tqdm
 
-from gate import StreamingLLM, baseline, load_gate, prefill_and_evict, restore_full
-from assets import add_model_flags, model_from_flags
-from model import KVNestError, Tokenizer, Transformer, run_cli
+from assets import Tokenizer, add_model_flags, model_from_flags
+from evict import StreamingLLM, baseline, prefill_and_evict, restore_full
+from gate import load_gate
+from model import KVNestError, Transformer, run_cli
 
 FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ")
 QUESTION = " What is the pass key? The pass key is"

@@ -12,6 +12,11 @@ Only the projections train (the Cayley parameters W and the value offset b), on
 decay, gradient clipping, bf16 autocast on CUDA. Every step's windows and ranks come from a generator seeded by
 (seed, step), so `--resume` continues exactly where an uninterrupted run would be. Checkpoints are safetensors
 with JSON metadata, written atomically; at the end a budget table compares PCA with the trained projections.
+
+Attention-Gate (Zeng et al., 2024): only the gate trains, on the same loss over the continuation of each window
+after its context was evicted by the gate's straight-through flags, plus keep_weight * (kept - keep)^2.
+`--protocol inside` evicts inside the prefill (the paper's protocol); `--sft pairs.jsonl` trains on prompt/answer
+pairs instead of text windows: the prompt is evicted and the loss is on the answer.
 """
 import argparse
 import math
@@ -22,17 +27,18 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from assets import add_model_flags, load_text, model_from_flags, token_windows
+from assets import add_model_flags, load_pairs, load_text, model_from_flags, token_windows
 from compress import (KEY_MODES, Projections, compress, full_cache, load_projections, pca_projections,
                       save_projections, set_bases, set_ranks, uniform_ranks)
-from gate import (Gate, calibrate_gate, check_keep, eviction_table, load_gate, prefill_and_evict, restore_full,
-                  save_gate)
-from eval import SWEEP_BUDGETS, eval_windows, kl_and_top1, score
+from eval import SWEEP_BUDGETS, eval_windows, eviction_table, kl_and_top1, score
+from evict import Protocol, check_keep, prefill_and_evict, restore_full
+from gate import Gate, calibrate_gate, load_gate, save_gate
 from model import KVNestError, Transformer, run_cli
 
 # Flags that define what is trained; a resumed run must agree on them.
 RUN_FLAGS = ("method", "key_mode", "seq_len", "batch", "lr", "warmup", "clip", "kl_weight", "ce_weight",
-             "rank_step", "seed", "steps", "calib_windows", "data", "keep", "keep_weight", "ctx_len")
+             "rank_step", "seed", "steps", "calib_windows", "data", "keep", "keep_weight", "ctx_len",
+             "protocol", "sft")
 
 
 def lr_at(step: int, steps: int, lr: float, warmup: float) -> float:
@@ -155,12 +161,20 @@ def train_matryoshka(model: Transformer, ids: torch.Tensor, cfg: dict, out: Path
     return proj
 
 
-def train_gate(model: Transformer, ids: torch.Tensor, cfg: dict, out: Path, meta_extra: dict,
-               resume: bool = False, **fit_kw) -> Gate:
-    """Run (or continue) Attention-Gate training: windows of ctx_len + cont_len tokens; the context is evicted
-    after prefill by the gate's flags (straight-through), the continuation is distilled from the full model, and
-    keep_weight * (kept fraction - keep)^2 pulls the kept fraction toward --keep."""
-    ctx = cfg["ctx_len"]
+def train_gate(model: Transformer, ids: torch.Tensor | None, cfg: dict, out: Path, meta_extra: dict,
+               resume: bool = False, pairs: list | None = None, **fit_kw) -> Gate:
+    """Run (or continue) Attention-Gate training on windows of text (ids: a ctx_len-token context, then the
+    continuation) or, for supervised fine-tuning, on one (prompt, answer) pair of token lists per step (the prompt
+    is the context). The context is evicted after the prefill (or inside it: cfg["protocol"]) by the gate's flags
+    (straight-through); the continuation's predictions, from the context's last one on, are distilled from the full
+    model; and keep_weight * (kept fraction - keep)^2 pulls the kept fraction toward --keep."""
+    def sample(gen):
+        """(B, T + 1) tokens and the context length."""
+        if pairs is None:
+            return sample_batch(ids, cfg["batch"], cfg["seq_len"], gen), cfg["ctx_len"]
+        prompt, answer = pairs[int(torch.randint(len(pairs), (1,), generator=gen))]
+        return torch.tensor([prompt + answer]), len(prompt)
+
     start, extra = 0, {}
     if resume and out.exists():
         gate, meta, extra = load_gate(out, model)
@@ -168,20 +182,22 @@ def train_gate(model: Transformer, ids: torch.Tensor, cfg: dict, out: Path, meta
     else:
         a = model.args
         gate = Gate(a.n_layers, a.n_kv_heads, a.dim, seed=cfg["seed"]).to(model.inv_freq.device)
-        calib = sample_batch(ids, cfg["batch"], cfg["seq_len"], torch.Generator().manual_seed(cfg["seed"]))
+        calib, ctx = sample(torch.Generator().manual_seed(cfg["seed"]))
         calibrate_gate(model, gate, calib[:, :ctx].to(model.inv_freq.device), cfg["keep"])
     meta = dict(meta_extra, keep=cfg["keep"], model=model.fingerprint(), config=cfg)
 
     def step_loss(step, gen):
-        x = sample_batch(ids, cfg["batch"], cfg["seq_len"], gen).to(model.inv_freq.device)
+        x, ctx = sample(gen)
+        x = x.to(model.inv_freq.device)
         restore_full(model)
         with torch.no_grad(), autocast_for(model):
-            teacher = model(x[:, :-1])[:, ctx:]  # (B, T - ctx, V)
-        _, flags = prefill_and_evict(model, x[:, :ctx], gate, cfg["keep"], exact=False, train=True)
+            teacher = model(x[:, :-1])[:, ctx - 1:]  # (B, T - ctx + 1, V)
+        ctx_logits, flags = prefill_and_evict(model, x[:, :ctx], gate, cfg["keep"], exact=False, train=True,
+                                              protocol=Protocol(inside=cfg["protocol"] == "inside"))
         with autocast_for(model):
-            student = model(x[:, ctx:-1], ctx)
+            student = torch.cat([ctx_logits[:, -1:], model(x[:, ctx:-1], ctx)], 1)
         kept = torch.stack([f.mean() for f in flags]).mean()
-        loss = distill_loss(teacher, student, x[:, ctx + 1:], cfg["kl_weight"], cfg["ce_weight"])
+        loss = distill_loss(teacher, student, x[:, ctx:], cfg["kl_weight"], cfg["ce_weight"])
         return loss + cfg["keep_weight"] * (kept - cfg["keep"]) ** 2, student.shape[0] * student.shape[1]
 
     def save(step, opt_tensors):
@@ -237,6 +253,10 @@ def main(argv=None):
     p.add_argument("--keep", type=float, default=0.5, help="gate: target kept fraction of the context")
     p.add_argument("--keep-weight", type=float, default=10.0, help="gate: weight of (kept - keep)^2")
     p.add_argument("--ctx-len", type=int, default=384, help="gate: context tokens of each window")
+    p.add_argument("--protocol", choices=["after", "inside"], default="after",
+                   help="gate: evict after a full-attention prefill or inside it (the paper's protocol)")
+    p.add_argument("--sft", help="gate: supervised fine-tuning on a .jsonl of {\"prompt\", \"answer\"} pairs (the "
+                   "prompt is evicted, the loss is on the answer; format prompts yourself, e.g. ChatML)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=50)
     p.add_argument("--no-table", action="store_true", help="skip the closing table")
@@ -253,7 +273,12 @@ def main(argv=None):
     if not 1 <= args.rank_step <= D:
         raise KVNestError(f"--rank-step {args.rank_step} is outside [1, head_dim={D}]")
     cfg = {k: getattr(args, k) for k in RUN_FLAGS}
-    ids = torch.tensor(tok.encode(load_text(args.data, "train")))
+    if args.sft and args.method != "gate":
+        raise KVNestError("--sft trains the gate; add --method gate")
+    pairs = [(tok.encode(q), tok.encode(a)) for q, a in load_pairs(args.sft)] if args.sft else None
+    if pairs and any(not q or len(a) < 2 for q, a in pairs):
+        raise KVNestError(f"{args.sft}: every prompt needs at least 1 token and every answer at least 2")
+    ids = None if pairs else torch.tensor(tok.encode(load_text(args.data, "train")))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta, fit_kw = {"base_model": folder}, {"save_every": args.save_every}
     if args.method == "matryoshka":
@@ -264,10 +289,10 @@ def main(argv=None):
         check_keep(args.keep)
         if not 0 < args.ctx_len < args.seq_len - 1:
             raise KVNestError(f"--ctx-len {args.ctx_len} must leave continuation tokens in --seq-len {args.seq_len}")
-        gate = train_gate(model, ids, cfg, args.out, meta, args.resume, **fit_kw)
+        gate = train_gate(model, ids, cfg, args.out, meta, args.resume, pairs, **fit_kw)
         table = None if args.no_table else eviction_table(
             model, eval_windows(tok, args.eval_data, 8, args.seq_len + 1), {"gate": gate}, [args.keep],
-            args.ctx_len)[0]
+            args.ctx_len, protocol=Protocol(inside=args.protocol == "inside"))[0]
     print(f"saved {args.out}")
     if table:
         args.out.with_suffix(".md").write_text(table + "\n")

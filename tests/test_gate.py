@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from conftest import run_config
-from gate import (H2O, CompactCache, Gate, RandomPolicy, SnapKV, StreamingLLM, calibrate_gate, evicting,
-                  flags_from_scores, joint_flags, kept_fraction, load_gate, prefill_and_evict, restore_full,
-                  save_gate, score_eviction)
+from eval import score_eviction
+from evict import (H2O, CompactCache, Protocol, RandomPolicy, SnapKV, StreamingLLM, evicting, flags_from_scores,
+                   joint_flags, kept_fraction, prefill_and_evict, received_attention, restore_full)
+from gate import Gate, calibrate_gate, load_gate, save_gate
 from model import KVNestError, load_model
 from train import train_gate
 
@@ -43,15 +44,13 @@ def test_keep_all_reproduces_the_base_model(llama, policy):
     assert (out - base).abs().max().item() < 1e-5
 
 
-def eager_evicted_logits(model, x, ctx_len, flags):
-    """The model written out layer by layer with plain attention: continuation queries see the kept context
-    entries of their KV head and every earlier continuation token (the reference for the evicted forward)."""
+def eager_masked_logits(model, x, visible):
+    """The model written out layer by layer with plain attention under explicit masks: visible[layer] (B, H_kv, T,
+    T) says which keys each query of each KV head's group sees (the reference for every eviction path)."""
     from model import apply_rope, rope_cos_sin
     a = model.args
-    T = x.shape[1]
-    cos, sin = rope_cos_sin(model.inv_freq, torch.arange(T))
+    cos, sin = rope_cos_sin(model.inv_freq, torch.arange(x.shape[1]))
     h = model.embed_tokens(x)
-    visible = torch.ones(T, T).tril().bool()
     for i, layer in enumerate(model.layers):
         attn, hn = layer.attn, layer.input_layernorm(h)
         q = apply_rope(attn.q_proj(hn).view(*x.shape, a.n_heads, -1).transpose(1, 2), cos, sin)
@@ -60,13 +59,26 @@ def eager_evicted_logits(model, x, ctx_len, flags):
         heads = []
         for hq in range(a.n_heads):
             g = hq // (a.n_heads // a.n_kv_heads)
-            mask = visible.expand(x.shape[0], T, T).clone()
-            mask[:, ctx_len:, :ctx_len] &= flags[i][:, g, None, :].bool()
             s = q[:, hq] @ k[:, g].transpose(-1, -2) / math.sqrt(a.head_dim)
-            heads.append(s.masked_fill(~mask, -math.inf).softmax(-1) @ v[:, g])
+            heads.append(s.masked_fill(~visible[i][:, g], -math.inf).softmax(-1) @ v[:, g])
         h = h + attn.o_proj(torch.stack(heads, 2).flatten(2))
         h = h + layer.mlp(layer.post_attention_layernorm(h))
     return model.lm_head(model.norm(h))
+
+
+def eviction_masks(flags, T, ctx_len, inside_window=None):
+    """Causal masks where continuation queries see only the kept context entries; with inside_window, context
+    queries too see only kept entries, themselves and their last inside_window tokens."""
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    masks = []
+    for f in flags:
+        f = f.bool()[:, :, None, :]  # (B, H_kv, 1, T_ctx)
+        m = (j <= i).expand(*f.shape[:2], T, T).clone()
+        m[:, :, ctx_len:, :ctx_len] &= f
+        if inside_window is not None:
+            m[:, :, :ctx_len, :ctx_len] &= f | ((i - j) < max(inside_window, 1))[:ctx_len, :ctx_len]
+        masks.append(m)
+    return masks
 
 
 @pytest.mark.parametrize("policy", POLICIES, ids=lambda p: type(p).__name__)
@@ -76,7 +88,7 @@ def test_eviction_equals_an_eager_reference_and_compact_cache_equals_masked(llam
         p = policy_for(llama, policy, x[:, :40], keep=0.3)
         ctx_logits, flags = prefill_and_evict(llama, x[:, :40], p, keep=0.3)
         masked = torch.cat([ctx_logits, llama(x[:, 40:], 40)], 1)
-        ref = eager_evicted_logits(llama, x, 40, flags)
+        ref = eager_masked_logits(llama, x, eviction_masks(flags, 48, 40))
         assert (masked - ref).abs().max().item() < 1e-4
         prefill_and_evict(llama, x[:, :40], p, keep=0.3, compact=True, max_new=8)
         compact = torch.cat([llama(x[:, i:i + 1], i) for i in range(40, 48)], 1)  # one decode step at a time
@@ -117,19 +129,88 @@ def test_achieved_keep_and_cache_bytes_are_the_ones_reported(llama, keep):
     restore_full(llama)
 
 
+@pytest.mark.parametrize("policy", POLICIES, ids=lambda p: type(p).__name__)
+def test_eviction_inside_the_prefill_equals_an_eager_reference(llama, policy):
+    """Inside the prefill every context query already sees only kept entries, itself and its recent window;
+    sinks and the window are forced kept; keep-all is still the base model."""
+    x = tokens(48)
+    with torch.no_grad():
+        p = policy_for(llama, policy, x[:, :40], keep=0.3)
+        inside = Protocol(inside=True, sinks=2, window=3)
+        ctx_logits, flags = prefill_and_evict(llama, x[:, :40], p, keep=0.3, protocol=inside)
+        assert all(bool(f[..., :2].all() and f[..., -3:].all()) for f in flags)
+        assert kept_fraction(flags) == pytest.approx(0.3, abs=0.3 if policy is None else 1 / 80)  # gate: z >= 0
+        out = torch.cat([ctx_logits, llama(x[:, 40:], 40)], 1)
+        assert (out - eager_masked_logits(llama, x, eviction_masks(flags, 48, 40, inside_window=3))).abs().max() < 1e-4
+        prefill_and_evict(llama, x[:, :40], p, keep=0.3, compact=True, max_new=8, protocol=inside)
+        assert (llama(x[:, 40:], 40) - out[:, 40:]).abs().max() < 1e-4  # the compact cache after it
+        ctx_logits, _ = prefill_and_evict(llama, x[:, :40], p, keep=1.0, exact=True, protocol=inside)
+        keep_all = torch.cat([ctx_logits, llama(x[:, 40:], 40)], 1)
+        restore_full(llama)
+        assert (keep_all - llama(x)).abs().max() < 1e-5
+
+
+def test_gating_new_tokens_evicts_them_after_their_window_and_equals_an_eager_reference(llama):
+    """Decoded tokens stay visible to `window` queries, then leave where the gate says so. Here head 0 keeps every
+    new token and head 1 none (their biases, set after the prefill), and decoding from the compact cache equals the
+    eager model under exactly those masks, while head 1's cache stops growing."""
+    x, window, new = tokens(52), 3, 12
+    gate = policy_for(llama, None, x[:, :40], keep=0.5)
+    with torch.no_grad():
+        gated = Protocol(window=window, gate_new=True)
+        _, flags = prefill_and_evict(llama, x[:, :40], gate, 0.5, exact=True, compact=True, max_new=new,
+                                     protocol=gated)
+        gate.c[:, 0], gate.c[:, 1] = 1e4, -1e4
+        out = llama(x[:, 40:], 40)
+    masks = eviction_masks(flags, 52, 40)
+    i, j = torch.arange(52)[:, None], torch.arange(52)[None, :]
+    for m in masks:
+        m[:, 1, 40:, 40:] &= ((i - j) < window)[40:, 40:]
+    with torch.no_grad():
+        assert (out - eager_masked_logits(llama, x, masks)[:, 40:]).abs().max() < 1e-4
+    for layer, f in zip(llama.layers, flags):
+        cache, held = layer.attn.cache, f.sum(-1)  # (B, H_kv) kept context entries
+        assert (cache.new_tokens.kept, cache.new_tokens.decided) == (2 * (new - window + 1), 4 * (new - window + 1))
+        assert torch.equal(cache.length[0], held[:, 0] + new) and torch.equal(cache.length[1], held[:, 1] + window - 1)
+    restore_full(llama)
+
+
+def test_bad_eviction_protocols_are_clear_errors(llama):
+    x = tokens(40, 1)
+    gate = policy_for(llama, None, x)
+    cases = [(StreamingLLM(), Protocol(window=4, gate_new=True), True, "needs a learned gate"),
+             (gate, Protocol(window=4, gate_new=True), False, "pass compact=True"),
+             (gate, Protocol(gate_new=True), True, "window >= 1"),
+             (gate, Protocol(sinks=-1), False, "must be >= 0")]
+    for policy, protocol, compact, message in cases:
+        with pytest.raises(KVNestError, match=message):
+            prefill_and_evict(llama, x, policy, 0.5, compact=compact, max_new=4, protocol=protocol)
+    restore_full(llama)
+
+
+def test_received_attention_of_a_context_shorter_than_the_observation_window():
+    q, k = torch.randn(1, 4, 10, 8), torch.randn(1, 2, 10, 8)
+    few = received_attention(q, k, 2, 32)  # all 10 queries observe
+    assert torch.allclose(few, received_attention(q, k, 2, None))
+    assert torch.allclose(few.sum(-1), torch.full((1, 2), 20.0))  # each of 2 heads x 10 queries gives out 1
+
+
 def test_joint_flags_keep_the_exact_total():
     z = [torch.randn(3, 2, 50, generator=torch.Generator().manual_seed(i)) for i in range(4)]
     flags = joint_flags(z, 0.3)
     assert [int(torch.stack(flags, 1)[b].sum()) for b in range(3)] == [round(0.3 * 400)] * 3
 
 
-def test_gate_parameters_receive_gradients_through_the_straight_through_estimator(llama):
+@pytest.mark.parametrize("inside", [False, True], ids=["after", "inside"])
+def test_gate_parameters_receive_gradients_through_the_straight_through_estimator(llama, inside):
     x = tokens(48)
     gate = policy_for(llama, None, x[:, :40])
     with torch.no_grad():  # the reduced attention's feature starts at weight 0: give it one, as training does
         gate.w[..., 5] = 0.5
-    _, flags = prefill_and_evict(llama, x[:, :40], gate, 0.5, exact=False, train=True)
+    ctx_logits, flags = prefill_and_evict(llama, x[:, :40], gate, 0.5, exact=False, train=True,
+                                          protocol=Protocol(inside=inside))
     assert all(((f == 0) | (f == 1)).all() for f in flags)  # the forward pass uses hard flags
+    assert ctx_logits.requires_grad == inside  # inside the prefill, the context's own outputs depend on the flags
     llama(x[:, 40:], 40).logsumexp(-1).sum().backward()
     for name, p in gate.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
@@ -162,6 +243,33 @@ def test_training_lowers_kl_and_resume_is_exact(tiny_llama, tmp_path):
     resumed = train_gate(load_model(tiny_llama[0]), ids, gate_cfg(), tmp_path / "b.safetensors", {}, resume=True)
     for name, p in whole.named_parameters():
         assert torch.equal(p, dict(resumed.named_parameters())[name]), name
+
+
+def test_sft_on_prompt_answer_pairs_lowers_the_answer_kl(tiny_llama, tmp_path):
+    """--sft: the prompt is evicted and the loss is on the answer; a few steps lower the KL on the answers."""
+    ids = tokens(100, 1)[0].repeat(20)
+    pairs = [(ids[i: i + 30].tolist(), ids[i + 30: i + 40].tolist()) for i in range(0, 480, 40)]
+    model = load_model(tiny_llama[0])
+    held_out = torch.tensor([q + a for q, a in pairs])  # (12, 40): prompt 30, answer 10
+    start = Gate(2, 2, 64)
+    calibrate_gate(model, start, held_out[:1, :30], 0.5)  # the start train_gate makes: its first sampled pair
+    before = score_eviction(model, held_out, start, 0.5, 30, exact=True)["kl"]
+    gate = train_gate(model, None, gate_cfg(sft="pairs.jsonl"), tmp_path / "s.safetensors", {}, pairs=pairs)
+    assert score_eviction(model, held_out, gate, 0.5, 30, exact=True)["kl"] < 0.7 * before
+
+
+def test_bad_sft_files_are_clear_errors(tiny_llama, tmp_path):
+    from train import main
+    bad, short = tmp_path / "bad.jsonl", tmp_path / "short.jsonl"
+    bad.write_text('{"prompt": "w1 w2"}\n')
+    short.write_text('{"prompt": "w1 w2", "answer": "w3"}\n')
+    folder = ["--model", str(tiny_llama[0])]
+    for argv, message in [(["--sft", str(bad), "--method", "gate"], "line 1 is not a JSON object with 'prompt' and"),
+                          (["--sft", str(tmp_path / "none.jsonl"), "--method", "gate"], "is not a .jsonl file"),
+                          (["--sft", str(short), "--method", "gate"], "every answer at least 2"),
+                          (["--sft", str(short)], "--sft trains the gate")]:
+        with pytest.raises(KVNestError, match=message):
+            main(folder + argv)
 
 
 def test_bad_keep_ratios_and_mismatched_checkpoints_are_clear_errors(tiny_llama, tiny_mistral, llama, tmp_path):
@@ -220,7 +328,7 @@ def test_scripts_end_to_end_on_a_tiny_model(tiny_llama, word_text, tmp_path):
 
 def test_passkey_decode_from_a_keep_all_compact_cache_equals_greedy_decode(tiny_llama):
     import random
-    from model import Tokenizer
+    from assets import Tokenizer
     from passkey import make_sample, retrieve
     model, tok = load_model(tiny_llama[0]), Tokenizer(tiny_llama[0])
     doc, question, key = make_sample(tok, 120, random.Random(0))

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from compress import compress, set_ranks, uniform_ranks
-from gate import Gate, SnapKV, calibrate_gate, prefill_and_evict, restore_full
+from evict import SnapKV, prefill_and_evict, restore_full
+from gate import Gate, calibrate_gate
 from bench import main as bench_main
 from kernels import Decoder, policy_from_flags, round_up
 from model import KVNestError, load_model
