@@ -256,7 +256,7 @@ def main(argv=None):
     p.add_argument("--protocol", choices=["after", "inside"], default="after",
                    help="gate: evict after a full-attention prefill or inside it (the paper's protocol)")
     p.add_argument("--sft", help="gate: supervised fine-tuning on a .jsonl of {\"prompt\", \"answer\"} pairs (the "
-                   "prompt is evicted, the loss is on the answer; format prompts yourself, e.g. ChatML)")
+                   "prompt is evicted, the loss is on the answer; one pair per step; format prompts yourself, e.g. ChatML)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=50)
     p.add_argument("--no-table", action="store_true", help="skip the closing table")
