@@ -136,35 +136,54 @@ def plot_curves(curves: dict, xlabel: str, ylabel: str, title: str, path: Path, 
 EVICT_KEEPS = (0.75, 0.5, 0.25, 0.125)
 
 
-@torch.no_grad()
 def score_eviction(model: Transformer, windows: torch.Tensor, policy, keep: float, ctx_len: int = 384,
                    exact: bool | None = None, protocol=None) -> dict:
-    """Each window (N, T) is a context of ctx_len tokens and a continuation. Scores the continuation's T - ctx_len
-    predictions (logits at positions ctx_len - 1 ... T - 2): perplexity, KL(full || evicted), top-1 agreement, the
-    achieved kept fraction of the context entries, and with protocol.gate_new the kept fraction of the judged
-    decoded tokens (their cache then really shrinks: the continuation runs from the compact cache)."""
+    """One eviction method at one keep ratio; see score_evictions."""
+    return score_evictions(model, windows, [(policy, keep, exact)], ctx_len, protocol)[0][0]
+
+
+@torch.no_grad()
+def score_evictions(model: Transformer, windows: torch.Tensor, runs: list, ctx_len: int = 384, protocol=None,
+                    desc: str | None = None) -> tuple[list, float]:
+    """Each window (N, T) is a context of ctx_len tokens and a continuation. For each run (policy, keep, exact),
+    scores the continuation's T - ctx_len predictions (logits at positions ctx_len - 1 ... T - 2): perplexity,
+    KL(full || evicted), top-1 agreement, the achieved kept fraction of the context entries, and with
+    protocol.gate_new the kept fraction of the judged decoded tokens (their cache then really shrinks: the
+    continuation runs from the compact cache). The full cache's reference runs once per window for all runs.
+    Returns ([result per run], the full cache's continuation perplexity)."""
     from evict import Protocol, kept_fraction, prefill_and_evict, restore_full
     protocol = protocol or Protocol()
-    nll = kl = top1 = kept = 0.0
-    n = new_kept = new_decided = 0
-    for w in windows:
+    sums = [dict(nll=0.0, kl=0.0, top1=0.0, keep=0.0, new_kept=0, new_decided=0) for _ in runs]
+    full_nll, n = 0.0, 0
+    for w in tqdm(windows, desc=desc, leave=False, disable=desc is None):
         w = w[None].to(model.inv_freq.device)
         restore_full(model)
-        ref = model(w[:, :-1])[0, ctx_len - 1:]  # (T - ctx_len, V)
-        ctx_logits, flags = prefill_and_evict(model, w[:, :ctx_len], policy, keep, exact, compact=protocol.gate_new,
-                                              max_new=w.shape[1] - ctx_len, protocol=protocol)
-        logits = torch.cat([ctx_logits[0, -1:], model(w[:, ctx_len:-1], ctx_len)[0]]).float()
-        nll += F.cross_entropy(logits, w[0, ctx_len:], reduction="sum").item()
-        k, t = kl_and_top1(ref, logits)
-        kl, top1, kept, n = kl + k.sum().item(), top1 + t.sum().item(), kept + kept_fraction(flags), n + len(logits)
-        if protocol.gate_new:
-            judged = [layer.attn.cache.new_tokens for layer in model.layers]
-            new_kept, new_decided = new_kept + sum(g.kept for g in judged), new_decided + sum(g.decided for g in judged)
+        ref = model(w[:, :-1])[0, ctx_len - 1:].float()  # (T - ctx_len, V)
+        full_nll += F.cross_entropy(ref, w[0, ctx_len:], reduction="sum").item()
+        for (policy, keep, exact), t in zip(runs, sums):
+            ctx_logits, flags = prefill_and_evict(model, w[:, :ctx_len], policy, keep, exact,
+                                                  compact=protocol.gate_new, max_new=w.shape[1] - ctx_len,
+                                                  protocol=protocol)
+            logits = torch.cat([ctx_logits[0, -1:], model(w[:, ctx_len:-1], ctx_len)[0]]).float()
+            k, top1 = kl_and_top1(ref, logits)
+            t["nll"] += F.cross_entropy(logits, w[0, ctx_len:], reduction="sum").item()
+            t["kl"] += k.sum().item()
+            t["top1"] += top1.sum().item()
+            t["keep"] += kept_fraction(flags)
+            if protocol.gate_new:
+                for layer in model.layers:
+                    t["new_kept"] += layer.attn.cache.new_tokens.kept
+                    t["new_decided"] += layer.attn.cache.new_tokens.decided
+        n += len(ref)
     restore_full(model)
-    out = {"perplexity": math.exp(nll / n), "kl": kl / n, "top1": top1 / n, "keep": kept / len(windows)}
-    if protocol.gate_new:
-        out["new_tokens_keep"] = new_kept / max(new_decided, 1)
-    return out
+    results = []
+    for t in sums:
+        out = {"perplexity": math.exp(t["nll"] / n), "kl": t["kl"] / n, "top1": t["top1"] / n,
+               "keep": t["keep"] / len(windows)}
+        if protocol.gate_new:
+            out["new_tokens_keep"] = t["new_kept"] / max(t["new_decided"], 1)
+        results.append(out)
+    return results, math.exp(full_nll / n)
 
 
 def eviction_table(model: Transformer, windows: torch.Tensor, gates: dict, keeps: list, ctx_len: int = 384,
@@ -172,16 +191,15 @@ def eviction_table(model: Transformer, windows: torch.Tensor, gates: dict, keeps
     """Markdown rows: continuation perplexity (KL) of every method at every keep ratio; gates are scored at the
     exact keep ratio (one threshold over all layers and heads; over each layer's heads inside the prefill).
     Returns (table, {method: {keep: result}})."""
-    from evict import Protocol, StreamingLLM, baseline
+    from evict import Protocol, baseline
     protocol = protocol or Protocol()
+    cells = [(name, keep, (baseline(name, keep), keep, None)) for keep in keeps for name in methods]
+    cells += [(name, keep, (g, keep, True)) for keep in keeps for name, g in gates.items()]
+    scored, full = score_evictions(model, windows, [run for _, _, run in cells], ctx_len, protocol,
+                                   desc="eviction table")
     results = {}
-    for keep in tqdm(keeps, desc="eviction table"):
-        for name in methods:
-            results.setdefault(name, {})[keep] = score_eviction(model, windows, baseline(name, keep), keep, ctx_len,
-                                                                protocol=protocol)
-        for name, g in gates.items():
-            results.setdefault(name, {})[keep] = score_eviction(model, windows, g, keep, ctx_len, True, protocol)
-    full = score_eviction(model, windows, StreamingLLM(), 1.0, ctx_len)["perplexity"]
+    for (name, keep, _), r in zip(cells, scored):
+        results.setdefault(name, {})[keep] = r
     names = list(results)
     lines = [f"| keep | {' | '.join(names)} |", "|---" * (len(names) + 1) + "|"]
     for keep in keeps:

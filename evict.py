@@ -160,14 +160,6 @@ def prefill_weights(flags: torch.Tensor, window: int) -> torch.Tensor:
     return (flags[:, :, None, :] + (1 - flags[:, :, None, :]) * near) * (j <= i).float()
 
 
-def joint_flags(scores: list, keep: float) -> list:
-    """A gate at an exact keep ratio: one threshold over all (layer, head, token) logits of each sequence."""
-    z = torch.stack(scores, 1)  # (B, L, H_kv, T)
-    n = max(1, round(z[0].numel() * keep))
-    thr = z.flatten(1).topk(n, dim=-1).values[:, -1]  # (B,)
-    return list((z >= thr[:, None, None, None]).float().unbind(1))
-
-
 class EvictingAttention(Attention):
     """Attention whose context entries can be evicted. Same weights as the base layer; swap in with `evicting`.
 
@@ -336,15 +328,15 @@ def prefill_and_evict(model: Transformer, context: torch.Tensor, policy: Policy,
     protocol.check(compact)
     exact = policy.exact if exact is None else exact
 
+    judges = [policy.new_tokens(i, protocol.window) if protocol.gate_new else None for i in range(len(model.layers))]
     inside = (lambda z: policy.flags([z], keep, exact, train)[0]) if protocol.inside else None
     logits, scores = prefill_scores(model, context, policy, train, protocol, inside)
     layers = evicting(model)
     flags = [attn.keep_mask for attn in layers] if protocol.inside else policy.flags(scores, keep, exact, train)
-    for attn, f in zip(layers, flags):
+    for attn, f, judge in zip(layers, flags, judges):
         attn.mode, attn.keep_mask, attn.select = "continue", f, None
         if compact:
-            new = policy.new_tokens(attn.layer, protocol.window) if protocol.gate_new else None
-            attn.cache = CompactCache(attn.ctx_k, attn.ctx_v, f, max_new, new)
+            attn.cache = CompactCache(attn.ctx_k, attn.ctx_v, f, max_new, judge)
         attn.ctx_k, attn.ctx_v = (None, None) if compact else (attn.ctx_k.detach(), attn.ctx_v.detach())
         attn.scores = None
     return logits, flags

@@ -24,11 +24,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from assets import load_checkpoint
-from evict import (OBS, POOL, SINKS, Policy, check_keep, flags_from_scores, joint_flags, prefill_scores,
-                   received_attention, restore_full)
+from evict import (OBS, POOL, SINKS, Policy, check_keep, flags_from_scores, prefill_scores, received_attention,
+                   restore_full)
 from model import KVNestError, Transformer
 
 N_FEATURES = 6  # snap, snap pooled, mean received (H2O), log distance to end, sink, own reduced attention
+
+
+def joint_flags(scores: list, keep: float) -> list:
+    """A gate at an exact keep ratio: one threshold over all (layer, head, token) logits of each sequence."""
+    z = torch.stack(scores, 1)  # (B, L, H_kv, T)
+    n = max(1, round(z[0].numel() * keep))
+    thr = z.flatten(1).topk(n, dim=-1).values[:, -1]  # (B,)
+    return list((z >= thr[:, None, None, None]).float().unbind(1))
 
 
 class Gate(nn.Module, Policy):

@@ -7,8 +7,8 @@ import torch
 from conftest import run_config
 from eval import score_eviction
 from evict import (H2O, CompactCache, Protocol, RandomPolicy, SnapKV, StreamingLLM, evicting, flags_from_scores,
-                   joint_flags, kept_fraction, prefill_and_evict, received_attention, restore_full)
-from gate import Gate, calibrate_gate, load_gate, save_gate
+                   kept_fraction, prefill_and_evict, received_attention, restore_full)
+from gate import Gate, calibrate_gate, joint_flags, load_gate, save_gate
 from model import KVNestError, load_model
 from train import train_gate
 
