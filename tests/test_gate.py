@@ -260,13 +260,15 @@ def test_sft_on_prompt_answer_pairs_lowers_the_answer_kl(tiny_llama, tmp_path):
 
 def test_bad_sft_files_are_clear_errors(tiny_llama, tmp_path):
     from train import main
-    bad, short = tmp_path / "bad.jsonl", tmp_path / "short.jsonl"
+    bad, short, empty = tmp_path / "bad.jsonl", tmp_path / "short.jsonl", tmp_path / "empty.jsonl"
     bad.write_text('{"prompt": "w1 w2"}\n')
+    empty.write_text("\n")
     short.write_text('{"prompt": "w1 w2", "answer": "w3"}\n')
     folder = ["--model", str(tiny_llama[0])]
     for argv, message in [(["--sft", str(bad), "--method", "gate"], "line 1 is not a JSON object with 'prompt' and"),
                           (["--sft", str(tmp_path / "none.jsonl"), "--method", "gate"], "is not a .jsonl file"),
                           (["--sft", str(short), "--method", "gate"], "every answer at least 2"),
+                          (["--sft", str(empty), "--method", "gate"], "holds no prompt/answer pairs"),
                           (["--sft", str(short)], "--sft trains the gate")]:
         with pytest.raises(KVNestError, match=message):
             main(folder + argv)
