@@ -106,11 +106,11 @@ def measure(dec: Decoder, batch: int, context: int, steps: int) -> tuple[float, 
 
 
 def workspace(model: Transformer, kind: str, batch: int, context: int) -> int:
-    """Memory a step needs beside the cache: pre-RoPE keys are rebuilt at full width, one layer at a time (and
-    rotated: twice that)."""
+    """Memory a step needs beside the cache: pre-RoPE keys are rebuilt at full width, one layer at a time, and
+    rotated with an fp32 cos/sin table of every slot."""
     a = model.args
-    return 2 * batch * context * a.n_kv_heads * a.head_dim * model.lm_head.weight.element_size() * (
-        kind == "matryoshka-pre")
+    keys = batch * context * a.n_kv_heads * a.head_dim * model.lm_head.weight.element_size()
+    return (keys + context * a.head_dim * 4) * (kind == "matryoshka-pre")
 
 
 def bytes_per_token(model, plain, kind, budget, keep) -> float:

@@ -17,7 +17,8 @@ cache dominates, so bytes saved are time saved, but only when the step reads jus
          o_proj(U_v[:, :r_v] y_c + b) = W_fold y_c + bias                     (W_fold, bias: compress.fold_values)
 
      so nothing is decompressed. Keys projected before RoPE cannot do this: they are rebuilt, U_k[:, :r_k] k_c,
-     and rotated at every step (the Palu way), which `bench.py` measures.
+     at every step (the Palu way), and rotated inside the score computation (`rotated_scores`, with a cos/sin table
+     computed once), so the rotated keys are never written; `bench.py` measures the cost.
 
 Kinds: the full cache; MatryoshkaKV (a model after compress.compress, with its ranks); eviction by a gate or a
 baseline policy (eviction after a full-attention prefill, as evict.py does); and both (the kept entries are then
@@ -60,7 +61,7 @@ class HeadGroup(nn.Module):
                         ("b_v", b_v)):
             self.register_buffer(name, t, persistent=False)
 
-    def forward(self, q, k, v, pos, L: int, inv_freq) -> torch.Tensor:
+    def forward(self, q, k, v, pos, L: int, rope) -> torch.Tensor:
         """Append the new entry, attend over the first L slots (base + a bucket). q (B, H_kv, G, D) after RoPE; k, v
         (B, H_kv, D) the new key (after RoPE, or before it in pre_rope mode) and value; pos (0-d) its position.
         -> (B, dim)"""
@@ -75,12 +76,12 @@ class HeadGroup(nn.Module):
         self.v.index_put_((seq, head, self.length), v)
         self.length.add_(1)
         K, V = self.k[:, :, :L], self.v[:, :, :L]  # (B, n, L, r_k), (B, n, L, r_v): the prefix, not the buffer
-        if self.pre_rope:  # rebuild the keys of positions 0 .. L-1 and rotate them
-            cos, sin = rope_cos_sin(inv_freq, torch.arange(L, device=q.device))
-            K = apply_rope(K @ self.U_k.transpose(-1, -2), cos.to(K.dtype), sin.to(K.dtype))  # (B, n, L, D)
-        elif self.U_k is not None:
-            q = q @ self.U_k  # (B, n, G, r_k): the query in the compressed space
-        s = (q @ K.transpose(-1, -2)).float() / math.sqrt(D)  # (B, n, G, L)
+        if self.pre_rope:  # rebuild the keys of positions 0 .. L-1; rotation and dot product in one pass
+            s = rotated_scores(q, K @ self.U_k.transpose(-1, -2), *(t[:L] for t in rope)) / math.sqrt(D)
+        else:
+            if self.U_k is not None:
+                q = q @ self.U_k  # (B, n, G, r_k): the query in the compressed space
+            s = (q @ K.transpose(-1, -2)).float() / math.sqrt(D)  # (B, n, G, L)
         slot = torch.arange(L, device=q.device)
         empty = slot >= self.length[:, :, None]  # (B, n, L)
         if self.window:  # Mistral: without eviction slot j holds position j
@@ -94,6 +95,17 @@ class HeadGroup(nn.Module):
     def bytes_read(self, L: int) -> int:
         """Cache bytes one step reads: the prefix of L slots of k and v."""
         return L * (self.k.nbytes + self.v.nbytes) // self.k.shape[2]
+
+
+def rotated_scores(q, K, cos, sin) -> torch.Tensor:
+    """q . RoPE(K) for keys rebuilt at positions 0 .. L-1, without writing the rotated keys: with halves
+    (x_1, x_2) of the rotate-half layout and angles a_f, q . RoPE(k) = sum_f cos a_f (q_1 k_1 + q_2 k_2)
+    + sin a_f (q_2 k_1 - q_1 k_2). q (B, n, G, D), K (B, n, L, D), cos/sin (L, D/2) -> (B, n, G, L) in fp32."""
+    q1, q2 = q.float()[:, :, None].chunk(2, -1)  # (B, n, 1, G, D/2)
+    k1, k2 = K.float()[:, :, :, None].chunk(2, -1)  # (B, n, L, 1, D/2)
+    cos, sin = cos[:, None], sin[:, None]  # (L, 1, D/2)
+    s = (cos * (q1 * k1 + q2 * k2) + sin * (q2 * k1 - q1 * k2)).sum(-1)  # (B, n, L, G): each key read once
+    return s.transpose(-1, -2)
 
 
 def matryoshka_state(attn) -> dict | None:
@@ -166,6 +178,8 @@ class Decoder(nn.Module):
         for i, m in enumerate(self.layer_state):
             if m is not None:
                 self.o_bias[i] = m["o_bias"]
+        self.register_buffer("rope_cos", None, persistent=False)  # (S, D/2) angles of every slot, for pre-RoPE
+        self.register_buffer("rope_sin", None, persistent=False)
         cuda = model.inv_freq.is_cuda  # the plain function, not a bound method: no cycle keeps the caches alive
         self.step = (torch.compile(Decoder.eager_step, fullgraph=True, dynamic=True,
                                    mode="reduce-overhead" if cuda else None) if compile else Decoder.eager_step)
@@ -211,7 +225,16 @@ class Decoder(nn.Module):
         self.groups = nn.ModuleList(
             nn.ModuleList(make_groups(layer.attn, m, *entries, room))
             for layer, m, entries in zip(model.layers, self.layer_state, per_layer))
+        self.rope_table()
         return logits
+
+    def rope_table(self) -> None:
+        """cos and sin of every slot's angles, computed once: pre-RoPE layers rotate their rebuilt keys with them
+        (slot j holds position j: such caches do not evict). Left None when no layer needs them."""
+        if any(g.pre_rope for layer in self.groups for g in layer):
+            slots = max(g.k.shape[2] for layer in self.groups for g in layer)
+            angles = torch.arange(slots, device=self.o_bias.device).float()[:, None] * self.model.inv_freq  # (S, D/2)
+            self.rope_cos, self.rope_sin = angles.cos(), angles.sin()
 
     def cached_entries(self, attn, mat, B, T):
         """Per KV head (B, T, r) keys and values from the model's cache after an eager prefill."""
@@ -261,6 +284,7 @@ class Decoder(nn.Module):
                         for r in (m[f"rank_{kind}"] if m else [a.head_dim] * a.n_kv_heads)] for kind in "kv"]
             length = torch.full((batch, a.n_kv_heads), n, device=p.device)
             self.groups.append(nn.ModuleList(make_groups(layer.attn, m, *entries, length, self.room())))
+        self.rope_table()
 
     def eager_step(self, tokens: torch.Tensor, pos: torch.Tensor, reads: list) -> torch.Tensor:
         """One decode step: tokens (B, 1) at position pos (a 0-d tensor), group g reading reads[g] slots ->
@@ -269,6 +293,7 @@ class Decoder(nn.Module):
         B, G, D = tokens.shape[0], a.n_heads // a.n_kv_heads, a.head_dim
         x = m.embed_tokens(tokens[:, 0])  # (B, dim)
         cos, sin = (t[0].to(x.dtype) for t in rope_cos_sin(m.inv_freq, pos[None]))  # (D,)
+        rope = None if self.rope_cos is None else (self.rope_cos, self.rope_sin)
         reads = iter(reads)
         for layer, groups, bias in zip(m.layers, self.groups, self.o_bias):
             attn, h = layer.attn, layer.input_layernorm(x)
@@ -279,7 +304,7 @@ class Decoder(nn.Module):
             v = attn.v_proj(h).view(B, a.n_kv_heads, D)
             out = bias.to(x.dtype)
             for g in groups:
-                out = out + g(q, k, v, pos, next(reads), m.inv_freq)
+                out = out + g(q, k, v, pos, next(reads), rope)
             x = x + out
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return m.lm_head(m.norm(x))  # (B, vocab)

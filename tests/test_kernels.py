@@ -11,8 +11,8 @@ from compress import compress, set_ranks, uniform_ranks
 from evict import SnapKV, prefill_and_evict, restore_full
 from gate import Gate, calibrate_gate
 from bench import main as bench_main
-from kernels import Decoder, policy_from_flags, round_up
-from model import KVNestError, load_model
+from kernels import Decoder, policy_from_flags, rotated_scores, round_up
+from model import KVNestError, apply_rope, load_model, rope_cos_sin
 from test_compress import random_ranks, tokens, trained_like
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,6 +159,15 @@ def test_bad_use_is_a_clear_error(llama, tiny_mistral):
         bench_main(["--kinds", "full,nope"])
 
 
+def test_rotated_scores_equal_scores_of_rotated_keys():
+    g = torch.Generator().manual_seed(0)
+    q, K = torch.randn(2, 3, 4, 16, generator=g), torch.randn(2, 3, 40, 16, generator=g)  # (B, n, G, D), (B, n, L, D)
+    inv_freq = 1.0 / 1e4 ** (torch.arange(0, 16, 2) / 16)
+    cos, sin = rope_cos_sin(inv_freq, torch.arange(40))  # (L, D)
+    ref = q @ apply_rope(K, cos, sin).transpose(-1, -2)  # (B, n, G, L)
+    torch.testing.assert_close(rotated_scores(q, K, cos[:, :8], sin[:, :8]), ref, atol=1e-5, rtol=1e-5)
+
+
 def test_cli_compiled_generation_equals_eager(tiny_llama):
     folder = str(tiny_llama[0])
     runs = [subprocess.run([sys.executable, "model.py", "--model", folder, "--prompt", "w1 w2 w3 w4 w5 w6",
@@ -170,7 +179,7 @@ def test_cli_compiled_generation_equals_eager(tiny_llama):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (CUDA graphs, bf16)")
-@pytest.mark.parametrize("kind", ["full", "matryoshka", "eviction", "both"])
+@pytest.mark.parametrize("kind", ["full", "matryoshka", "matryoshka-pre", "eviction", "both"])
 def test_cuda_graphs_in_bf16_equal_eager(tiny_llama, kind):
     model = load_model(tiny_llama[0], dtype=torch.bfloat16, device="cuda")
     x, new = tokens(20, batch=2).cuda(), tokens(STEPS, batch=2, seed=1).cuda()
