@@ -9,6 +9,7 @@ on the values, nor on the weights, so `--shape` may name a randomly initialised 
   matryoshka-pre  the same with keys before RoPE: keys rebuilt and rotated every step (Palu's way)
   eviction        --keep of the context entries per (layer, KV head) in compact buffers (a gate or a baseline)
   both            eviction, then MatryoshkaKV on the kept entries
+  both-pre        the same with keys before RoPE (each kept entry's position is stored for its rotation)
 Bandwidth counts the weights once plus the cache bytes the step actually reads; on CUDA it is also given as a
 fraction of the device's peak (the roofline). Capacity: the largest context per batch whose cache fits beside the
 weights, from each kind's bytes per token and the memory free on the device.
@@ -28,7 +29,7 @@ from evict import SnapKV
 from kernels import Decoder
 from model import KVNestError, ModelArgs, Transformer, run_cli
 
-KINDS = ("full", "matryoshka", "matryoshka-pre", "eviction", "both")
+KINDS = ("full", "matryoshka", "matryoshka-pre", "eviction", "both", "both-pre")
 SHAPES = {"llama2-7b": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, head_dim=128, hidden_dim=11008,
                                  vocab_size=32000, rope_theta=1e4, tie_embeddings=False),
           "mistral-7b": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, hidden_dim=14336,
@@ -54,16 +55,16 @@ def set_kind(model: Transformer, plain: list, kind: str, budget: float) -> None:
     their values do not change the speed)."""
     for layer, attn in zip(model.layers, plain):
         layer.attn = attn
-    if kind in ("matryoshka", "matryoshka-pre", "both"):
+    if kind in ("matryoshka", "matryoshka-pre", "both", "both-pre"):
         a, p = model.args, model.lm_head.weight
         eye = torch.eye(a.head_dim, device=p.device).expand(a.n_layers, a.n_kv_heads, a.head_dim, a.head_dim)
-        compress(model, Projections(eye, eye, "pre_rope" if kind == "matryoshka-pre" else "post_rope"))
+        compress(model, Projections(eye, eye, "pre_rope" if kind.endswith("-pre") else "post_rope"))
         set_ranks(model, *uniform_ranks(model, budget))
 
 
 def make_decoder(model, plain, kind, budget, keep, max_new, compile=True, bucket=64) -> Decoder:
     set_kind(model, plain, kind, budget)
-    evicts = kind in ("eviction", "both")
+    evicts = kind in ("eviction", "both", "both-pre")
     return Decoder(model, max_new, policy=SnapKV() if evicts else None, keep=keep if evicts else 1.0,
                    bucket=bucket, compile=compile)
 
@@ -110,7 +111,7 @@ def workspace(model: Transformer, kind: str, batch: int, context: int) -> int:
     rotated with an fp32 cos/sin table of every slot."""
     a = model.args
     keys = batch * context * a.n_kv_heads * a.head_dim * model.lm_head.weight.element_size()
-    return (keys + context * a.head_dim * 4) * (kind == "matryoshka-pre")
+    return (keys + context * a.head_dim * 4) * kind.endswith("-pre")
 
 
 def bytes_per_token(model, plain, kind, budget, keep) -> float:

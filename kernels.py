@@ -22,8 +22,8 @@ cache dominates, so bytes saved are time saved, but only when the step reads jus
 
 Kinds: the full cache; MatryoshkaKV (a model after compress.compress, with its ranks); eviction by a gate or a
 baseline policy (eviction after a full-attention prefill, as evict.py does); and both (the kept entries are then
-compressed, keys after RoPE only). The prefill runs eagerly through the model's own modules, so a kind decodes
-exactly as its eager path does: `Decoder` takes the place of the model in `model.generate`.
+compressed; pre-RoPE keys keep their positions). The prefill runs eagerly through the model's own modules, so a
+kind decodes exactly as its eager path does: `Decoder` takes the place of the model in `model.generate`.
 
     dec = Decoder(model, max_new=64)                   # compile=True: the step is compiled, fullgraph
     for tok in generate(dec, prompt, 64): ...
@@ -51,20 +51,23 @@ class HeadGroup(nn.Module):
     Buffers: k (B, n, S, r_k), v (B, n, S, r_v); length (B, n), the entries each sequence holds per head. The first
     `base` slots came from the prefill (base = the most any sequence holds), then decoded tokens follow.
     U_k (n, D, r_k), U_v (n, D, r_v), b_v (n, D) compress new entries (None: the full cache); W_o (dim, n * G * r_v)
-    maps the group's attention output straight to the model dimension (U_v^T folded into o_proj)."""
+    maps the group's attention output straight to the model dimension (U_v^T folded into o_proj). Slot j holds
+    position j, except after eviction; then pre-RoPE keys, rotated at every step, need pos (B, n, S): each slot's
+    position."""
 
-    def __init__(self, heads: list, k, v, length, W_o, U_k=None, U_v=None, b_v=None, pre_rope=False, window=None):
+    def __init__(self, heads: list, k, v, length, W_o, U_k=None, U_v=None, b_v=None, pre_rope=False, window=None,
+                 pos=None):
         super().__init__()
         self.base, self.pre_rope, self.window = int(length.max()), pre_rope, window
         self.register_buffer("heads", torch.tensor(heads, device=k.device), persistent=False)
         for name, t in (("k", k), ("v", v), ("length", length), ("W_o", W_o), ("U_k", U_k), ("U_v", U_v),
-                        ("b_v", b_v)):
+                        ("b_v", b_v), ("pos", pos)):
             self.register_buffer(name, t, persistent=False)
 
     def forward(self, q, k, v, pos, L: int, rope) -> torch.Tensor:
         """Append the new entry, attend over the first L slots (base + a bucket). q (B, H_kv, G, D) after RoPE; k, v
-        (B, H_kv, D) the new key (after RoPE, or before it in pre_rope mode) and value; pos (0-d) its position.
-        -> (B, dim)"""
+        (B, H_kv, D) the new key (after RoPE, or before it in pre_rope mode) and value; pos (0-d) its position;
+        rope: the (cos, sin) tables of every position, (S, D/2) each, for pre-RoPE keys. -> (B, dim)"""
         B, D = q.shape[0], q.shape[-1]
         q, k, v = (t.index_select(1, self.heads) for t in (q, k, v))  # (B, n, G, D), (B, n, D), (B, n, D)
         if self.U_k is not None:
@@ -74,10 +77,13 @@ class HeadGroup(nn.Module):
         head = torch.arange(self.k.shape[1], device=q.device)[None, :]  # (1, n)
         self.k.index_put_((seq, head, self.length), k)  # slot length[b, i] of sequence b, head i; in place
         self.v.index_put_((seq, head, self.length), v)
+        if self.pos is not None:
+            self.pos.index_put_((seq, head, self.length), pos)
         self.length.add_(1)
         K, V = self.k[:, :, :L], self.v[:, :, :L]  # (B, n, L, r_k), (B, n, L, r_v): the prefix, not the buffer
-        if self.pre_rope:  # rebuild the keys of positions 0 .. L-1; rotation and dot product in one pass
-            s = rotated_scores(q, K @ self.U_k.transpose(-1, -2), *(t[:L] for t in rope)) / math.sqrt(D)
+        if self.pre_rope:  # rebuild the keys, then rotate them inside the dot product
+            angles = [t[:L] if self.pos is None else t[self.pos[:, :, :L]] for t in rope]  # (L | B, n, L, D/2)
+            s = rotated_scores(q, K @ self.U_k.transpose(-1, -2), *angles) / math.sqrt(D)
         else:
             if self.U_k is not None:
                 q = q @ self.U_k  # (B, n, G, r_k): the query in the compressed space
@@ -90,22 +96,29 @@ class HeadGroup(nn.Module):
         return (p @ V).reshape(B, -1) @ self.W_o.T  # (B, n, G, r_v) -> (B, dim)
 
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
+        return self.k.nbytes + self.v.nbytes + (0 if self.pos is None else self.pos.nbytes)
 
     def bytes_read(self, L: int) -> int:
-        """Cache bytes one step reads: the prefix of L slots of k and v."""
-        return L * (self.k.nbytes + self.v.nbytes) // self.k.shape[2]
+        """Cache bytes one step reads: the prefix of L slots of k, v (and pos)."""
+        return L * self.nbytes() // self.k.shape[2]
 
 
 def rotated_scores(q, K, cos, sin) -> torch.Tensor:
-    """q . RoPE(K) for keys rebuilt at positions 0 .. L-1, without writing the rotated keys: with halves
+    """q . RoPE(K) for rebuilt pre-RoPE keys, without writing the rotated keys: with halves
     (x_1, x_2) of the rotate-half layout and angles a_f, q . RoPE(k) = sum_f cos a_f (q_1 k_1 + q_2 k_2)
-    + sin a_f (q_2 k_1 - q_1 k_2). q (B, n, G, D), K (B, n, L, D), cos/sin (L, D/2) -> (B, n, G, L) in fp32."""
+    + sin a_f (q_2 k_1 - q_1 k_2). q (B, n, G, D), K (B, n, L, D), cos/sin (L, D/2) or per sequence and head
+    (B, n, L, D/2) -> (B, n, G, L) in fp32."""
     q1, q2 = q.float()[:, :, None].chunk(2, -1)  # (B, n, 1, G, D/2)
     k1, k2 = K.float()[:, :, :, None].chunk(2, -1)  # (B, n, L, 1, D/2)
-    cos, sin = cos[:, None], sin[:, None]  # (L, 1, D/2)
+    cos, sin = cos[..., None, :], sin[..., None, :]  # (L, 1, D/2) or (B, n, L, 1, D/2)
     s = (cos * (q1 * k1 + q2 * k2) + sin * (q2 * k1 - q1 * k2)).sum(-1)  # (B, n, L, G): each key read once
     return s.transpose(-1, -2)
+
+
+def unrotate(k: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Keys after RoPE back to before it: rotate each by minus its position's angle. k (B, n, D), pos (B, n)."""
+    cos, sin = (t.view(*pos.shape, -1) for t in rope_cos_sin(inv_freq, pos.flatten()))  # (B, n, D)
+    return apply_rope(k, cos, -sin)
 
 
 def matryoshka_state(attn) -> dict | None:
@@ -121,11 +134,21 @@ def matryoshka_state(attn) -> dict | None:
     return state
 
 
-def make_groups(attn, mat: dict | None, k_c: list, v_c: list, length, room: int) -> list:
+def pack(per_head: list, heads: list, S: int) -> torch.Tensor:
+    """One static buffer (B, n, S, ...) holding the given heads' left-aligned entries (B, T_h, ...), zeros after."""
+    first = per_head[heads[0]]
+    buf = first.new_zeros(first.shape[0], len(heads), S, *first.shape[2:])
+    for i, h in enumerate(heads):
+        buf[:, i, : per_head[h].shape[1]] = per_head[h]
+    return buf
+
+
+def make_groups(attn, mat: dict | None, k_c: list, v_c: list, length, room: int, pos: list | None = None) -> list:
     """Pack one layer's kept entries into HeadGroups. k_c, v_c: per KV head (B, T_h, r) entries, left-aligned
-    per sequence (the compressed features for a compressed layer); length (B, H_kv) entries held. Heads share a
-    group when they share r_k, r_v and the most entries any sequence holds (after eviction heads keep different
-    counts), so that no head reads slots it does not hold."""
+    per sequence (the compressed features for a compressed layer); length (B, H_kv) entries held; pos: per KV
+    head (B, T_h) positions of the entries after eviction (kept for pre-RoPE keys), None when slot j holds
+    position j. Heads share a group when they share r_k, r_v and the most entries any sequence holds (after
+    eviction heads keep different counts), so that no head reads slots it does not hold."""
     H_kv, D, G = attn.n_kv_heads, attn.head_dim, attn.n_heads // attn.n_kv_heads
     W = mat["W_o"] if mat else attn.o_proj.weight  # (dim, sum over query heads of r_v)
     rank_k, rank_v = (mat["rank_k"], mat["rank_v"]) if mat else ([D] * H_kv, [D] * H_kv)
@@ -138,18 +161,15 @@ def make_groups(attn, mat: dict | None, k_c: list, v_c: list, length, room: int)
         heads = [h for h in range(H_kv) if keys[h] == key]
         n_len = length[:, heads]  # (B, n)
         S = int(n_len.max()) + room
-        bufs = []
-        for per_head in (k_c, v_c):
-            buf = per_head[heads[0]].new_zeros(n_len.shape[0], len(heads), S, per_head[heads[0]].shape[-1])
-            for i, h in enumerate(heads):
-                buf[:, i, : per_head[h].shape[1]] = per_head[h]
-            bufs.append(buf)  # (B, n, S, r)
+        bufs = [pack(k_c, heads, S), pack(v_c, heads, S)]  # (B, n, S, r_k), (B, n, S, r_v)
         W_o = W if len(heads) == H_kv else torch.cat([W[:, starts[h]: starts[h] + widths[h]] for h in heads], 1)
         U = {}
         if mat is not None:
             U = {"U_k": torch.stack([mat["U_k"][h, :, : mat["rank_k"][h]] for h in heads]),
                  "U_v": torch.stack([mat["U_v"][h, :, : mat["rank_v"][h]] for h in heads]),
                  "b_v": mat["b_v"][heads], "pre_rope": mat["key_mode"] == "pre_rope"}
+            if U["pre_rope"] and pos is not None:
+                U["pos"] = pack(pos, heads, S)  # (B, n, S)
         groups.append(HeadGroup(heads, *bufs, n_len.clone(), W_o, window=attn.window, **U))  # W_o (dim, n*G*r_v)
     return groups
 
@@ -166,9 +186,6 @@ class Decoder(nn.Module):
         self.model, self.max_new, self.bucket = model, max_new, bucket
         self.policy, self.keep, self.exact = policy, keep, exact
         self.layer_state = [matryoshka_state(layer.attn) for layer in model.layers]
-        if policy is not None and any(m and m["key_mode"] == "pre_rope" for m in self.layer_state):
-            raise KVNestError("compiled eviction with pre-RoPE projections is not supported (kept entries lose their "
-                              "positions); use projections trained with --key-mode post_rope")
         if policy is not None:
             from evict import check_evictable
             check_evictable(model)
@@ -223,17 +240,17 @@ class Decoder(nn.Module):
         else:
             logits, per_layer = self.evicted_entries(tokens)
         self.groups = nn.ModuleList(
-            nn.ModuleList(make_groups(layer.attn, m, *entries, room))
-            for layer, m, entries in zip(model.layers, self.layer_state, per_layer))
+            nn.ModuleList(make_groups(layer.attn, m, k_c, v_c, length, room, pos))
+            for layer, m, (k_c, v_c, length, pos) in zip(model.layers, self.layer_state, per_layer))
         self.rope_table()
         return logits
 
     def rope_table(self) -> None:
-        """cos and sin of every slot's angles, computed once: pre-RoPE layers rotate their rebuilt keys with them
-        (slot j holds position j: such caches do not evict). Left None when no layer needs them."""
+        """cos and sin of the angles of every position up to the last decoded one, computed once: pre-RoPE layers
+        rotate their rebuilt keys with them. Left None when no layer needs them."""
         if any(g.pre_rope for layer in self.groups for g in layer):
-            slots = max(g.k.shape[2] for layer in self.groups for g in layer)
-            angles = torch.arange(slots, device=self.o_bias.device).float()[:, None] * self.model.inv_freq  # (S, D/2)
+            positions = torch.arange(self.ctx + self.room(), device=self.o_bias.device)
+            angles = positions.float()[:, None] * self.model.inv_freq  # (S, D/2), as model.rope_cos_sin computes
             self.rope_cos, self.rope_sin = angles.cos(), angles.sin()
 
     def cached_entries(self, attn, mat, B, T):
@@ -247,24 +264,30 @@ class Decoder(nn.Module):
                     for i, h in enumerate(heads.tolist()):
                         out[h] = buf[:, i, :T]
             k_c, v_c = ([d[h] for h in range(attn.n_kv_heads)] for d in per_head)
-        return k_c, v_c, torch.full((B, attn.n_kv_heads), T, device=attn.o_proj.weight.device)
+        return k_c, v_c, torch.full((B, attn.n_kv_heads), T, device=attn.o_proj.weight.device), None
 
     def evicted_entries(self, tokens):
         """Full-attention prefill and eviction into evict.py's CompactCache (no room), then each head's kept entries,
-        compressed if the layer is."""
+        compressed if the layer is. Pre-RoPE layers keep the positions of the entries: their keys are rotated back
+        to before RoPE, compressed, and rotated again at every step."""
         from evict import prefill_and_evict, restore_full
         model = self.model
         originals = [layer.attn for layer in model.layers]
         try:
-            logits, _ = prefill_and_evict(model, tokens, self.policy, self.keep, self.exact, compact=True)
+            logits, flags = prefill_and_evict(model, tokens, self.policy, self.keep, self.exact, compact=True)
             per_layer = []
-            for layer, m in zip(model.layers, self.layer_state):
-                kept = layer.attn.cache  # per head (B, n_h, D) keys and values, left-aligned; length (B,)
-                k_c, v_c = list(kept.k), list(kept.v)
-                if m is not None:  # compress what is kept (keys after RoPE)
+            for layer, m, keep in zip(model.layers, self.layer_state, flags):
+                kept = layer.attn.cache  # per head (B, n_h, D) keys (after RoPE) and values, left-aligned
+                k_c, v_c, pos = list(kept.k), list(kept.v), None
+                if m is not None and m["key_mode"] == "pre_rope":
+                    # a stable sort puts each sequence's kept positions first, in order: (B, n_h) per head
+                    order = (~keep.bool()).byte().argsort(dim=-1, stable=True)  # (B, H_kv, T)
+                    pos = [order[:, h, : k.shape[1]] for h, k in enumerate(k_c)]
+                    k_c = [unrotate(k, p, model.inv_freq) for k, p in zip(k_c, pos)]
+                if m is not None:  # compress what is kept
                     k_c = [k @ m["U_k"][h, :, : m["rank_k"][h]] for h, k in enumerate(k_c)]
                     v_c = [(v - m["b_v"][h]) @ m["U_v"][h, :, : m["rank_v"][h]] for h, v in enumerate(v_c)]
-                per_layer.append((k_c, v_c, torch.stack(kept.length, 1)))
+                per_layer.append((k_c, v_c, torch.stack(kept.length, 1), pos))
         finally:
             restore_full(model)
             for layer, attn in zip(model.layers, originals):
@@ -278,12 +301,14 @@ class Decoder(nn.Module):
         a, p = self.model.args, self.model.lm_head.weight
         g = torch.Generator(device=p.device).manual_seed(seed)
         n = max(1, round(context * self.keep)) if self.policy is not None else context
+        kept_at = (torch.arange(n, device=p.device) * context // n).expand(batch, n)  # (B, n) spread evenly
         self.ctx, self.t, self.groups = context, 0, nn.ModuleList()
         for layer, m in zip(self.model.layers, self.layer_state):
             entries = [[torch.randn(batch, 1, r, generator=g, device=p.device, dtype=p.dtype).expand(batch, n, r)
                         for r in (m[f"rank_{kind}"] if m else [a.head_dim] * a.n_kv_heads)] for kind in "kv"]
             length = torch.full((batch, a.n_kv_heads), n, device=p.device)
-            self.groups.append(nn.ModuleList(make_groups(layer.attn, m, *entries, length, self.room())))
+            pos = [kept_at] * a.n_kv_heads if self.policy is not None else None
+            self.groups.append(nn.ModuleList(make_groups(layer.attn, m, *entries, length, self.room(), pos)))
         self.rope_table()
 
     def eager_step(self, tokens: torch.Tensor, pos: torch.Tensor, reads: list) -> torch.Tensor:

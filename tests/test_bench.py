@@ -20,6 +20,8 @@ def test_bench_rows_bytes_and_capacity(tiny_llama):
         assert by["matryoshka", b]["kv_bytes"] == by["matryoshka-pre", b]["kv_bytes"] == b * slots * per_slot // 2
         assert by["eviction", b]["kv_bytes"] == b * (16 + 65) * per_slot  # 16 of 64 context entries kept
         assert by["both", b]["kv_bytes"] == b * (16 + 65) * per_slot // 2
+        positions = b * (16 + 65) * 2 * 2 * 8  # pre-RoPE keys after eviction: an int64 position per slot and head
+        assert by["both-pre", b]["kv_bytes"] == b * (16 + 65) * per_slot // 2 + positions
         assert by["full", b]["read_bytes"] == b * (64 + 64) * per_slot  # a step reads the prefix, not the buffer
     assert table(rows, torch.device("cpu")).count("\n") == len(rows) + 1
     cap = capacity(per_token, [1, 4], torch.device("cpu"))
