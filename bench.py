@@ -205,6 +205,8 @@ def main(argv=None):
     kinds = args.kinds.split(",")
     if set(kinds) - set(KINDS):
         raise KVNestError(f"unknown kinds {sorted(set(kinds) - set(KINDS))}; choose from {', '.join(KINDS)}")
+    if args.rounds < 1:
+        raise KVNestError(f"--rounds {args.rounds}: time each kind at least once (--rounds 1 or more)")
     torch._dynamo.config.recompile_limit = 64  # one graph per kind and batch size, each new decoder re-guards
     if args.shape:
         model = random_model(args.shape, getattr(torch, args.dtype), args.device)

@@ -155,6 +155,8 @@ def test_bad_use_is_a_clear_error(llama, tiny_mistral):
         policy_from_flags(llama, "snapkv", None, 1.5)
     with pytest.raises(KVNestError, match=r"unknown kinds \['nope'\]; choose from full"):
         bench_main(["--kinds", "full,nope"])
+    with pytest.raises(KVNestError, match="--rounds 0: time each kind at least once"):
+        bench_main(["--rounds", "0"])
 
 
 def test_rotated_scores_equal_scores_of_rotated_keys():
