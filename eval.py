@@ -21,6 +21,7 @@ full cache.
     python eval.py --evict gate --gate runs/gate.safetensors --keep 0.5 --gate-new --window 32
     python eval.py --evict gate --gate runs/gate.safetensors --keep 0.5
     python eval.py --evict-sweep --gate runs/gate.safetensors
+    python eval.py --evict snapkv --keep 0.5 --projections runs/matryoshka.safetensors --budget 0.5   # both axes
 """
 import argparse
 import json
@@ -186,6 +187,35 @@ def score_evictions(model: Transformer, windows: torch.Tensor, runs: list, ctx_l
     return results, math.exp(full_nll / n)
 
 
+@torch.no_grad()
+def score_both(model: Transformer, plain: list, windows: torch.Tensor, policy, keep: float, ctx_len: int = 384,
+               exact: bool | None = None) -> dict:
+    """Both axes at once, exactly as kernels.Decoder decodes them: a full-attention prefill of the context, eviction
+    to `keep`, the kept entries compressed by the model's MatryoshkaKV layers, then the continuation fed one token
+    at a time, each new entry compressed too. Scored as score_evictions does, against the model with its `plain`
+    (uncompressed) attention layers."""
+    from kernels import Decoder
+    compressed = [layer.attn for layer in model.layers]
+    sums, n = dict(nll=0.0, kl=0.0, top1=0.0), 0
+    for w in tqdm(windows, desc="both", leave=False):
+        w = w[None].to(model.inv_freq.device)
+        for layer, attn in zip(model.layers, plain):
+            layer.attn = attn
+        ref = model(w[:, :-1])[0, ctx_len - 1:].float()  # (T - ctx_len, V)
+        for layer, attn in zip(model.layers, compressed):
+            layer.attn = attn
+        dec = Decoder(model, w.shape[1] - ctx_len, policy, keep, exact, compile=False)
+        logits = [dec(w[:, :ctx_len], 0)[0, -1]]
+        logits += [dec(w[:, t: t + 1], t)[0, -1] for t in range(ctx_len, w.shape[1] - 1)]
+        logits = torch.stack(logits).float()  # (T - ctx_len, V)
+        k, top1 = kl_and_top1(ref, logits)
+        sums["nll"] += F.cross_entropy(logits, w[0, ctx_len:], reduction="sum").item()
+        sums["kl"] += k.sum().item()
+        sums["top1"] += top1.sum().item()
+        n += len(ref)
+    return {"perplexity": math.exp(sums["nll"] / n), "kl": sums["kl"] / n, "top1": sums["top1"] / n}
+
+
 def eviction_table(model: Transformer, windows: torch.Tensor, gates: dict, keeps: list, ctx_len: int = 384,
                    methods=("streaming", "h2o", "snapkv", "random"), protocol=None) -> tuple[str, dict]:
     """Markdown rows: continuation perplexity (KL) of every method at every keep ratio; gates are scored at the
@@ -218,6 +248,9 @@ def eviction_main(args, model, tok) -> None:
     from evict import Protocol, baseline
     from gate import load_gate
     protocol = Protocol(args.protocol == "inside", args.sinks, args.window, args.gate_new)
+    if args.projections and (args.evict_sweep or protocol != Protocol()):
+        raise KVNestError("--projections with --evict scores one method after the prefill, as kernels.py decodes; "
+                          "drop --evict-sweep, --protocol inside, --sinks, --window and --gate-new")
     windows = eval_windows(tok, args.data, args.windows or 8, args.seq_len)
     gate = load_gate(args.gate, model)[0] if args.gate else None
     if args.evict == "gate" and gate is None:
@@ -235,8 +268,15 @@ def eviction_main(args, model, tok) -> None:
         print(table)
         return
     policy = gate if args.evict == "gate" else baseline(args.evict, args.keep)
-    result = score_eviction(model, windows, policy, args.keep, args.ctx_len,
-                            None if args.gate_threshold else True, protocol)
+    exact = None if args.gate_threshold else True
+    if args.projections:  # both axes: evict the context, compress what is kept and what is decoded
+        from compress import budget_of, compress_from_flags
+        plain = [layer.attn for layer in model.layers]
+        budget = budget_of(*compress_from_flags(model, args.projections, args.budget, args.ranks),
+                           model.args.head_dim)
+        result = dict(budget=budget, **score_both(model, plain, windows, policy, args.keep, args.ctx_len, exact))
+    else:
+        result = score_eviction(model, windows, policy, args.keep, args.ctx_len, exact, protocol)
     result = dict(method=args.evict, protocol=args.protocol, requested_keep=args.keep, **result)
     print(json.dumps(result, indent=2) if args.json else "  ".join(
         f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))

@@ -11,6 +11,7 @@ from compress import compress, set_ranks, uniform_ranks
 from evict import SnapKV, prefill_and_evict, restore_full
 from gate import Gate, calibrate_gate
 from bench import main as bench_main
+from eval import main as eval_main, score_both, score_eviction
 from kernels import Decoder, policy_from_flags, rotated_scores, round_up
 from model import KVNestError, apply_rope, load_model, rope_cos_sin
 from test_compress import random_ranks, tokens, trained_like
@@ -91,6 +92,19 @@ def test_both_at_full_rank_equals_eviction_alone(llama, key_mode):
     assert (both - evicted).abs().max().item() < 1e-4
 
 
+@pytest.mark.parametrize("key_mode", ["post_rope", "pre_rope"])
+def test_both_axes_score_equals_eviction_alone_at_full_rank(llama, key_mode):
+    windows, plain = tokens(24, batch=2, seed=3), [layer.attn for layer in llama.layers]
+    alone = score_eviction(llama, windows, SnapKV(), 0.5, ctx_len=16)
+    assert alone["kl"] > 1e-3  # eviction changes the predictions: not two full caches compared
+    compress(llama, trained_like(llama, key_mode))
+    set_ranks(llama, *uniform_ranks(llama, 1.0))
+    both = score_both(llama, plain, windows, SnapKV(), 0.5, ctx_len=16)
+    assert abs(both["kl"] - alone["kl"]) < 1e-5 and both["perplexity"] == pytest.approx(alone["perplexity"], 1e-5)
+    set_ranks(llama, *uniform_ranks(llama, 0.25))
+    assert score_both(llama, plain, windows, SnapKV(), 0.5, ctx_len=16)["kl"] > both["kl"] + 1e-3
+
+
 @pytest.mark.parametrize("kind", ["full", "matryoshka", "matryoshka-pre", "eviction", "both", "both-pre"])
 def test_compiled_equals_eager_without_graph_breaks_and_recompiles(llama, kind):
     x, new = tokens(20, batch=2), tokens(STEPS, batch=2, seed=1)
@@ -157,6 +171,9 @@ def test_bad_use_is_a_clear_error(llama, tiny_mistral):
         bench_main(["--kinds", "full,nope"])
     with pytest.raises(KVNestError, match="--rounds 0: time each kind at least once"):
         bench_main(["--rounds", "0"])
+    with pytest.raises(KVNestError, match="drop --evict-sweep, --protocol inside"):
+        eval_main(["--model", str(tiny_mistral[0]), "--evict", "h2o", "--projections", "p.safetensors",
+                   "--protocol", "inside"])
 
 
 def test_rotated_scores_equal_scores_of_rotated_keys():
