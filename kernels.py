@@ -250,8 +250,9 @@ class Decoder(nn.Module):
         rotate their rebuilt keys with them. Left None when no layer needs them."""
         if any(g.pre_rope for layer in self.groups for g in layer):
             positions = torch.arange(self.ctx + self.room(), device=self.o_bias.device)
-            angles = positions.float()[:, None] * self.model.inv_freq  # (S, D/2), as model.rope_cos_sin computes
-            self.rope_cos, self.rope_sin = angles.cos(), angles.sin()
+            half = self.model.args.head_dim // 2  # the rotate-half layout repeats each angle: keep one copy
+            self.rope_cos, self.rope_sin = (t[:, :half].contiguous()  # (S, D/2)
+                                            for t in rope_cos_sin(self.model.inv_freq, positions))
 
     def cached_entries(self, attn, mat, B, T):
         """Per KV head (B, T, r) keys and values from the model's cache after an eager prefill."""
