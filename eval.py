@@ -45,6 +45,23 @@ def kl_and_top1(ref_logits: torch.Tensor, logits: torch.Tensor) -> tuple[torch.T
     return kl, (ref_logits.argmax(-1) == logits.argmax(-1)).float()
 
 
+class Tally:
+    """Running sums over scored positions: NLL of the targets, KL to the reference, top-1 agreement."""
+
+    def __init__(self):
+        self.nll = self.kl = self.top1 = 0.0
+        self.n = 0
+
+    def add(self, ref: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        """ref, logits (N, V); targets (N,)."""
+        kl, top1 = kl_and_top1(ref, logits)
+        self.nll += F.cross_entropy(logits, targets, reduction="sum").item()
+        self.kl, self.top1, self.n = self.kl + kl.sum().item(), self.top1 + top1.sum().item(), self.n + len(targets)
+
+    def result(self) -> dict:
+        return {"perplexity": math.exp(self.nll / self.n), "kl": self.kl / self.n, "top1": self.top1 / self.n}
+
+
 @torch.no_grad()
 def score(model: Transformer, windows: torch.Tensor, compare: bool = True, desc: str | None = None) -> dict:
     """Perplexity of `model` on windows (N, T); with `compare`, also KL and top-1 agreement against the
@@ -154,22 +171,20 @@ def score_evictions(model: Transformer, windows: torch.Tensor, runs: list, ctx_l
     Returns ([result per run], the full cache's continuation perplexity)."""
     from evict import Protocol, kept_fraction, prefill_and_evict, restore_full
     protocol = protocol or Protocol()
-    sums = [dict(nll=0.0, kl=0.0, top1=0.0, keep=0.0, new_kept=0, new_decided=0) for _ in runs]
+    tallies = [Tally() for _ in runs]
+    sums = [dict(keep=0.0, new_kept=0, new_decided=0) for _ in runs]
     full_nll, n = 0.0, 0
     for w in tqdm(windows, desc=desc, leave=False, disable=desc is None):
         w = w[None].to(model.inv_freq.device)
         restore_full(model)
         ref = model(w[:, :-1])[0, ctx_len - 1:].float()  # (T - ctx_len, V)
         full_nll += F.cross_entropy(ref, w[0, ctx_len:], reduction="sum").item()
-        for (policy, keep, exact), t in zip(runs, sums):
+        for (policy, keep, exact), tally, t in zip(runs, tallies, sums):
             ctx_logits, flags = prefill_and_evict(model, w[:, :ctx_len], policy, keep, exact,
                                                   compact=protocol.gate_new, max_new=w.shape[1] - ctx_len,
                                                   protocol=protocol)
             logits = torch.cat([ctx_logits[0, -1:], model(w[:, ctx_len:-1], ctx_len)[0]]).float()
-            k, top1 = kl_and_top1(ref, logits)
-            t["nll"] += F.cross_entropy(logits, w[0, ctx_len:], reduction="sum").item()
-            t["kl"] += k.sum().item()
-            t["top1"] += top1.sum().item()
+            tally.add(ref, logits, w[0, ctx_len:])
             t["keep"] += kept_fraction(flags)
             if protocol.gate_new:
                 for layer in model.layers:
@@ -178,9 +193,8 @@ def score_evictions(model: Transformer, windows: torch.Tensor, runs: list, ctx_l
         n += len(ref)
     restore_full(model)
     results = []
-    for t in sums:
-        out = {"perplexity": math.exp(t["nll"] / n), "kl": t["kl"] / n, "top1": t["top1"] / n,
-               "keep": t["keep"] / len(windows)}
+    for tally, t in zip(tallies, sums):
+        out = dict(tally.result(), keep=t["keep"] / len(windows))
         if protocol.gate_new:
             out["new_tokens_keep"] = t["new_kept"] / max(t["new_decided"], 1)
         results.append(out)
@@ -195,8 +209,7 @@ def score_both(model: Transformer, plain: list, windows: torch.Tensor, policy, k
     at a time, each new entry compressed too. Scored as score_evictions does, against the model with its `plain`
     (uncompressed) attention layers."""
     from kernels import Decoder
-    compressed = [layer.attn for layer in model.layers]
-    sums, n = dict(nll=0.0, kl=0.0, top1=0.0), 0
+    compressed, tally = [layer.attn for layer in model.layers], Tally()
     for w in tqdm(windows, desc="both", leave=False):
         w = w[None].to(model.inv_freq.device)
         for layer, attn in zip(model.layers, plain):
@@ -207,13 +220,8 @@ def score_both(model: Transformer, plain: list, windows: torch.Tensor, policy, k
         dec = Decoder(model, w.shape[1] - ctx_len, policy, keep, exact, compile=False)
         logits = [dec(w[:, :ctx_len], 0)[0, -1]]
         logits += [dec(w[:, t: t + 1], t)[0, -1] for t in range(ctx_len, w.shape[1] - 1)]
-        logits = torch.stack(logits).float()  # (T - ctx_len, V)
-        k, top1 = kl_and_top1(ref, logits)
-        sums["nll"] += F.cross_entropy(logits, w[0, ctx_len:], reduction="sum").item()
-        sums["kl"] += k.sum().item()
-        sums["top1"] += top1.sum().item()
-        n += len(ref)
-    return {"perplexity": math.exp(sums["nll"] / n), "kl": sums["kl"] / n, "top1": sums["top1"] / n}
+        tally.add(ref, torch.stack(logits).float(), w[0, ctx_len:])  # (T - ctx_len, V)
+    return tally.result()
 
 
 def eviction_table(model: Transformer, windows: torch.Tensor, gates: dict, keeps: list, ctx_len: int = 384,
