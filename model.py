@@ -1,25 +1,25 @@
-"""A LLaMA / Mistral decoder in one file: config, weights, a static KV cache and a generate CLI.
+"""A LLaMA / Mistral decoder in one file: config, weights, and the one KV cache every path of kvnest uses.
 
 The model is the standard pre-norm decoder (Touvron et al., 2023, "LLaMA"):
 
     h   = x + o_proj(Attention(RoPE(q), RoPE(k), v))      with grouped-query attention (GQA)
     out = h + down_proj(silu(gate_proj(norm(h))) * up_proj(norm(h)))
 
-where Attention(q, k, v) = softmax(q k^T / sqrt(head_dim) + mask) v, every norm is RMSNorm, and each of the H_kv
-key/value heads is shared by a group of G = n_heads / n_kv_heads query heads. Mistral adds a sliding window: a
-query at position i sees keys j with i - window < j <= i.
+Every norm is RMSNorm, and each of the H_kv key/value heads is shared by a group of G = n_heads / n_kv_heads query
+heads. Mistral adds a sliding window: a query at position i sees keys j with i - window < j <= i.
 
-This file knows nothing of KV compression. The methods plug in through two seams:
-  * `Attention` is a module that owns its cache (`attn.cache`) and makes it with `new_cache`; compress.py and
-    evict.py swap each `layer.attn` for a subclass that projects or evicts, reusing the same weights.
-  * `Transformer.forward(tokens, pos)` runs a prefill (T tokens) or a decode step (T = 1) at absolute position
-    `pos`; with no cache set up it is the plain uncached forward from position 0.
+Attention, written once (`attend`), reads a static preallocated cache (`KVCache`): per layer, the KV heads are in
+groups (`HeadGroup`), each one buffer of B x n heads x S slots. What the two compression axes change is only what
+a group stores and which of its slots a query may read:
+  * features: a group may store its entries in a basis, k_c = U_k^T k and v_c = U_v^T (v - b), with r <= D columns
+    (MatryoshkaKV; compress.py makes the bases). Heads of one rank share a group, so none is padded.
+  * tokens: a group may weigh its slots by keep flags (soft, differentiable: for training and scoring), or hold only
+    the kept entries (`LayerCache.compact`: real eviction; evict.py and gate.py decide what is kept).
+The same `Transformer.forward(tokens, pos, cache)` runs a prefill (T tokens), a decode step (T = 1, eagerly or
+compiled, kernels.py) or, with no cache, the plain forward from position 0.
 """
-import argparse
 import json
 import math
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,8 +28,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-class KVNestError(Exception):
-    """A user error with a one-line message that names the problem and the fix; scripts print it and exit 2."""
+class ModelError(ValueError):
+    """A model folder, config or cache used wrongly: a one-line message that names the problem and the fix."""
 
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}  # model_type -> architecture
@@ -59,16 +59,16 @@ class ModelArgs:
         model_type = cfg.get("model_type")
         arch = (cfg.get("architectures") or [ARCHITECTURES.get(model_type, str(model_type))])[0]
         if model_type not in ARCHITECTURES or arch not in ARCHITECTURES.values():
-            raise KVNestError(f"unsupported architecture {arch!r} (model_type {model_type!r}); kvnest supports "
-                              f"{', '.join(ARCHITECTURES.values())}")
+            raise ModelError(f"unsupported architecture {arch!r} (model_type {model_type!r}); kvnest supports "
+                             f"{', '.join(ARCHITECTURES.values())}")
         missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                                "vocab_size") if k not in cfg]
         if missing:
-            raise KVNestError(f"config.json lacks {', '.join(missing)}; is it a complete Hugging Face config?")
+            raise ModelError(f"config.json lacks {', '.join(missing)}; is it a complete Hugging Face config?")
         for key, ok in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False),
                         ("pretraining_tp", 1)):
             if cfg.get(key, ok) != ok:
-                raise KVNestError(f"unsupported config field {key}={cfg[key]!r}; kvnest supports only {key}={ok!r}")
+                raise ModelError(f"unsupported config field {key}={cfg[key]!r}; kvnest supports only {key}={ok!r}")
         rope = dict(cfg.get("rope_parameters") or {})  # transformers >= 5 keeps theta and scaling here
         scaling = cfg.get("rope_scaling") or ({k: v for k, v in rope.items() if k != "rope_theta"} or None)
         if scaling is not None:
@@ -76,7 +76,7 @@ class ModelArgs:
             if kind == "default":
                 scaling = None
             elif kind not in ("llama3", "linear"):
-                raise KVNestError(f"unsupported rope scaling {kind!r}; kvnest supports 'llama3' and 'linear'")
+                raise ModelError(f"unsupported rope scaling {kind!r}; kvnest supports 'llama3' and 'linear'")
             else:
                 scaling = dict(scaling, rope_type=kind)
         eos = cfg.get("eos_token_id", 2)
@@ -117,40 +117,185 @@ def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor) -> tuple[torch
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x_i, x_{i+D/2}) by the position's angle. x: (B, H, T, D), cos/sin: (T, D)."""
+    """Rotate pairs (x_i, x_{i+D/2}) by the position's angle. x: (..., T, D), cos/sin: (..., T, D)."""
     x1, x2 = x.chunk(2, dim=-1)
     return (x * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
 
 
-def attention_mask(pos: int, T: int, S: int, window: int | None, device) -> torch.Tensor:
-    """Boolean (T, S) mask, True = visible: query pos+t sees key j iff j <= pos+t and pos+t - j < window."""
-    q = torch.arange(pos, pos + T, device=device)[:, None]
-    k = torch.arange(S, device=device)[None, :]
-    visible = k <= q
-    return visible & (q - k < window) if window else visible
+def attend(s: torch.Tensor, v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The attention equation, the only place kvnest writes it:
+
+        a_ij = w_ij exp(s_ij) / sum_l w_il exp(s_il),        y_i = sum_j a_ij v_j
+
+    s (..., T, S) scores q_i . k_j / sqrt(D) in fp32; w (..., T, S) weights: 0/1 visibility (then a is the masked
+    softmax), or keep flags in [0, 1] that carry a straight-through gradient (evict.py), which must reach the
+    flags also where they are 0; v (..., S, r) -> (..., T, r)."""
+    w = w.to(s.dtype)
+    top = s.masked_fill(w == 0, float("-inf")).amax(-1, keepdim=True).detach()  # over the visible keys
+    p = torch.exp((s - top).clamp(max=0)) * w  # hidden scores can neither overflow nor shift the visible ones
+    return (p / p.sum(-1, keepdim=True)).to(v.dtype) @ v
+
+
+def rotated_scores(q: torch.Tensor, K: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """q . RoPE(K) without writing the rotated keys: with halves (x_1, x_2) of the rotate-half layout and angles
+    a_f, q . RoPE(k) = sum_f cos a_f (q_1 k_1 + q_2 k_2) + sin a_f (q_2 k_1 - q_1 k_2). q (B, n, G, T, D),
+    K (B, n, S, D), cos/sin (S, D/2) or (B, n, S, D/2) -> (B, n, G, T, S) in fp32."""
+    q1, q2 = q.float()[:, :, :, :, None].chunk(2, -1)  # (B, n, G, T, 1, D/2)
+    k1, k2 = K.float()[:, :, None, None].chunk(2, -1)  # (B, n, 1, 1, S, D/2)
+    if cos.dim() == 4:
+        cos, sin = cos[:, :, None, None], sin[:, :, None, None]  # (B, n, 1, 1, S, D/2)
+    return (cos * (q1 * k1 + q2 * k2) + sin * (q2 * k1 - q1 * k2)).sum(-1)  # each key read once
+
+
+class HeadGroup(nn.Module):
+    """KV heads of one layer that share a static buffer: k (B, n, S, r_k), v (B, n, S, r_v), and length (B, n), the
+    entries each sequence holds per head. New entries go to the next free slots. Optional:
+      U_k (n, D, r_k), U_v (n, D, r_v), b_v (n, D): entries stored in these bases (None: as they are); pre_rope:
+      keys stored before RoPE, rebuilt U_k k_c and rotated when read (else after RoPE, scored in the basis);
+      pos (B, n, S): each slot's position, after compaction for pre-RoPE keys (else slot j holds position j);
+      keep (B, n, S) soft flags and `recent`: a query at slot i reads slot j with weight keep_j + (1 - keep_j)
+      [i - j < recent] (evict.py's eviction inside the prefill; keep_j = 1 for anything written later)."""
+
+    def __init__(self, heads: list, k, v, length, U_k=None, U_v=None, b_v=None, pre_rope=False, pos=None):
+        super().__init__()
+        self.pre_rope, self.keep, self.recent = pre_rope, None, 0
+        self.register_buffer("heads", torch.tensor(heads, device=k.device), persistent=False)
+        for name, t in (("k", k), ("v", v), ("length", length), ("U_k", U_k), ("U_v", U_v), ("b_v", b_v),
+                        ("pos", pos)):
+            self.register_buffer(name, t, persistent=False)
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, pos) -> None:
+        """Store new entries k, v (B, n, T, D), at positions [pos, pos + T), in the next free slots of each sequence
+        and head."""
+        if self.U_k is not None:
+            k = k @ self.U_k.to(k.dtype)  # (B, n, T, r_k)
+            v = (v - self.b_v.to(v.dtype)[:, None]) @ self.U_v.to(v.dtype)  # (B, n, T, r_v)
+        B, n, T = k.shape[:3]
+        slots = self.length[..., None] + torch.arange(T, device=k.device)  # (B, n, T)
+        seq, head = torch.arange(B, device=k.device)[:, None, None], torch.arange(n, device=k.device)[None, :, None]
+        index, k, v = (seq, head, slots), k.to(self.k.dtype), v.to(self.v.dtype)
+        if torch.is_grad_enabled() and (k.requires_grad or self.k.requires_grad):  # training: a new buffer, as
+            self.k, self.v = self.k.index_put(index, k), self.v.index_put(index, v)  # autograd saved the old one
+        else:
+            self.k.index_put_(index, k)  # in place: a decode step writes only its entries
+            self.v.index_put_(index, v)
+        if self.pos is not None:
+            self.pos.index_put_((seq, head, slots), (pos + torch.arange(T, device=k.device)).expand(B, n, T))
+        self.length.add_(T)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos, window, rope) -> torch.Tensor:
+        """Write the new entries, then attend. q (B, n, G, T, D) after RoPE; k (B, n, T, D) before RoPE for pre_rope
+        groups, after it otherwise; v (B, n, T, D); pos: the first new position; rope: (cos, sin) of every position,
+        (P, D/2) each, for pre-RoPE keys. -> (B, n, G, T, D)"""
+        T, S, D = q.shape[3], self.k.shape[2], q.shape[-1]
+        before = self.length.clone()  # (B, n)
+        self.write(k, v, pos)
+        slot, t = torch.arange(S, device=q.device), torch.arange(T, device=q.device)[:, None]
+        query_slot = before[..., None, None] + t  # (B, n, T, 1): where each query's own entry went
+        w = slot <= query_slot  # (B, n, T, S): held entries up to the query's own
+        if window:  # Mistral; eviction is refused with a window, so slot j holds position j
+            w = w & (slot > pos + t - window)
+        if self.keep is not None:
+            near = ((query_slot - slot) < max(self.recent, 1)).float()
+            keep = torch.cat([self.keep, self.keep.new_ones(*self.keep.shape[:2], S - self.keep.shape[-1])], -1)
+            w = w * (keep[:, :, None] + (1 - keep[:, :, None]) * near)
+        if self.pre_rope:  # rebuild the keys, then rotate them inside the dot product
+            K = self.k @ self.U_k.to(self.k.dtype).transpose(-1, -2)  # (B, n, S, D)
+            cos, sin = (r[:S] if self.pos is None else r[self.pos] for r in rope)
+            s = rotated_scores(q, K, cos, sin)
+        else:
+            q = q if self.U_k is None else q @ self.U_k.to(q.dtype)[:, None]  # (B, n, G, T, r_k): the basis
+            s = (q @ self.k[:, :, None].transpose(-1, -2)).float()  # (B, n, G, T, S)
+        y = attend(s / math.sqrt(D), self.v[:, :, None], w[:, :, None])  # (B, n, G, T, r_v)
+        if self.U_v is not None:
+            y = y @ self.U_v.to(y.dtype).transpose(-1, -2)[:, None] + self.b_v.to(y.dtype)[:, None, None]
+        return y
+
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes + (0 if self.pos is None else self.pos.nbytes)
+
+
+def group_by(keys: list) -> list:
+    """[(key, [heads with that key])] in order of first appearance."""
+    return [(key, [h for h, x in enumerate(keys) if x == key]) for key in dict.fromkeys(keys)]
+
+
+class LayerCache(nn.Module):
+    """One layer's groups. `features` (None: the full cache) is (U_k, U_v, b_v, pre_rope): per KV head the bases
+    U_k[h] (D, r_k) and U_v[h] (D, r_v), the value offsets b_v (H_kv, D); heads with equal ranks share a group."""
+
+    def __init__(self, batch: int, size: int, n_kv: int, D: int, dtype, device, features=None):
+        super().__init__()
+        self.groups = nn.ModuleList()
+        if features is None:
+            zeros = lambda: torch.zeros(batch, n_kv, size, D, dtype=dtype, device=device)  # noqa: E731
+            self.groups.append(HeadGroup(list(range(n_kv)), zeros(), zeros(), self.no_entries(batch, n_kv, device)))
+            return
+        U_k, U_v, b_v, pre_rope = features
+        for (r_k, r_v), heads in group_by([(u_k.shape[-1], u_v.shape[-1]) for u_k, u_v in zip(U_k, U_v)]):
+            zeros = lambda r: torch.zeros(batch, len(heads), size, r, dtype=dtype, device=device)  # noqa: E731
+            bases = [torch.stack([U[h] for h in heads]).to(dtype) for U in (U_k, U_v)]  # (n, D, r)
+            self.groups.append(HeadGroup(heads, zeros(r_k), zeros(r_v), self.no_entries(batch, len(heads), device),
+                                         *bases, b_v[heads].to(dtype), pre_rope))
+
+    @staticmethod
+    def no_entries(batch: int, n: int, device) -> torch.Tensor:
+        return torch.zeros(batch, n, dtype=torch.long, device=device)
+
+    def forward(self, q, k, k_rope, v, pos, window, rope) -> torch.Tensor:
+        """q (B, H_kv, G, T, D), k before and after RoPE and v (B, H_kv, T, D) -> (B, H_kv, G, T, D)."""
+        if len(self.groups) == 1 and len(self.groups[0].heads) == k.shape[1]:
+            g = self.groups[0]
+            return g(q, k if g.pre_rope else k_rope, v, pos, window, rope)
+        y = q.new_empty(q.shape)
+        for g in self.groups:
+            y[:, g.heads] = g(q[:, g.heads], (k if g.pre_rope else k_rope)[:, g.heads], v[:, g.heads], pos, window,
+                              rope)
+        return y
+
+    def soften(self, flags: torch.Tensor, recent: int = 0) -> None:
+        """Weigh the first slots by keep flags (B, H_kv, T_ctx) (differentiable; see HeadGroup)."""
+        for g in self.groups:
+            g.keep, g.recent = flags[:, g.heads], recent
+
+    def compact(self, flags: torch.Tensor, room: int) -> None:
+        """Real eviction: keep only the entries flagged in the first T_ctx slots (B, H_kv, T_ctx), left-aligned per
+        sequence and head, plus `room` free slots. Heads then group by (ranks, most entries any sequence holds)."""
+        groups, self.groups = list(self.groups), nn.ModuleList()
+        for g in groups:
+            f = flags[:, g.heads].bool()  # (B, n, T_ctx)
+            held = f.sum(-1)  # (B, n)
+            for n_max, heads in group_by(held.max(0).values.tolist()):
+                order = (~f[:, heads]).byte().argsort(dim=-1, stable=True)[..., :n_max]  # kept slots first, in order
+                take = lambda buf: buf.gather(2, order[..., None].expand(-1, -1, -1, buf.shape[-1]))  # noqa: E731
+                pad = lambda t: F.pad(t, (0, 0, 0, room))  # noqa: E731
+                part = lambda t: None if t is None else t[heads]  # noqa: E731
+                pos = F.pad(order, (0, room)) if g.pre_rope else None
+                self.groups.append(HeadGroup(g.heads[heads].tolist(), pad(take(g.k[:, heads])),
+                                             pad(take(g.v[:, heads])), held[:, heads].clone(), part(g.U_k),
+                                             part(g.U_v), part(g.b_v), g.pre_rope, pos))
+
+    def nbytes(self) -> int:
+        return sum(g.nbytes() for g in self.groups)
 
 
 class KVCache(nn.Module):
-    """Static preallocated cache in (B, H_kv, S, D) layout; `update` writes T new entries at `pos`."""
+    """The static cache of a whole model for `batch` sequences of up to `size` tokens: one LayerCache per layer.
+    `features` (compress.py's Matryoshka) gives each layer's (U_k, U_v, b_v, pre_rope) by `features.layer(i)`."""
 
-    def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int, dtype, device):
+    def __init__(self, model: "Transformer", batch: int, size: int, features=None, dtype=None):
         super().__init__()
-        shape = (batch, n_kv_heads, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-
-    def update(self, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, H_kv, T, D) at [pos, pos+T) and return all entries so far, (B, H_kv, pos+T, D)."""
-        end = pos + k.shape[2]
-        if end > self.k.shape[2]:
-            raise KVNestError(f"sequence of {end} tokens exceeds the cache of {self.k.shape[2]}; "
-                              f"pass a larger max length (or a shorter prompt)")
-        self.k[:, :, pos:end] = k
-        self.v[:, :, pos:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
+        a, p = model.args, model.lm_head.weight
+        self.layers = nn.ModuleList(LayerCache(batch, size, a.n_kv_heads, a.head_dim, dtype or p.dtype, p.device,
+                                               None if features is None else features.layer(i))
+                                    for i in range(a.n_layers))
+        self.size, self.rope = size, None
+        if features is not None and features.layer(0)[3]:  # one (cos, sin) table for every rebuilt key
+            cos, sin = rope_cos_sin(model.inv_freq, torch.arange(max(size, a.max_seq_len), device=p.device))
+            self.rope = (cos[:, : a.head_dim // 2].contiguous(), sin[:, : a.head_dim // 2].contiguous())
 
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
+        return sum(layer.nbytes() for layer in self.layers)
 
 
 class Attention(nn.Module):
@@ -162,50 +307,21 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
-        self.cache = None
 
-    def share_weights(self, base: "Attention") -> None:
-        """Start a subclass instance (compress.py, evict.py) that reuses `base`'s weights and shape."""
-        nn.Module.__init__(self)
-        self.n_heads, self.n_kv_heads, self.head_dim, self.window = (base.n_heads, base.n_kv_heads,
-                                                                     base.head_dim, base.window)
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = base.q_proj, base.k_proj, base.v_proj, base.o_proj
-        self.cache = None
-
-    def new_cache(self, batch: int, max_len: int, dtype, device) -> nn.Module:
-        return KVCache(batch, self.n_kv_heads, max_len, self.head_dim, dtype, device)
-
-    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Project and split into heads: q (B, H, T, D), k and v (B, H_kv, T, D), before RoPE."""
+    def qkv(self, x: torch.Tensor, cos, sin) -> tuple:
+        """q (B, H, T, D) after RoPE; k (B, H_kv, T, D) before and after RoPE; v (B, H_kv, T, D)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
-        return q, k, v
+        return apply_rope(q, cos, sin), k, apply_rope(k, cos, sin), v
 
-    def attend(self, q, k, v, pos: int, scale: float | None = None) -> torch.Tensor:
-        """softmax(q k^T * scale + mask) v over the keys so far; the KV heads are shared by their query groups.
-
-        q: (B, H, T, Dq), k: (B, H_kv, S, Dq), v: (B, H_kv, S, Dv) -> (B, H, T, Dv). scale defaults to
-        1/sqrt(head_dim) of the base model, also when the features were compressed to Dq < head_dim.
-        """
-        T, S = q.shape[2], k.shape[2]
-        scale = 1 / math.sqrt(self.head_dim) if scale is None else scale
-        if pos == 0 and T == S and not self.window:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
-        mask = None if T == 1 and not self.window else attention_mask(pos, T, S, self.window, q.device)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
-
-    def forward(self, x: torch.Tensor, pos: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x, pos, cos, sin, cache: LayerCache, rope=None) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self.qkv(x)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.cache is not None:
-            k, v = self.cache.update(pos, k, v)  # (B, H_kv, pos+T, D)
-        elif pos != 0:
-            raise KVNestError("an uncached forward starts at position 0; call setup_cache() to decode")
-        y = self.attend(q, k, v, pos)  # (B, H, T, D)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        q, k, k_rope, v = self.qkv(x, cos, sin)
+        q = q.view(B, self.n_kv_heads, -1, T, self.head_dim)  # (B, H_kv, G, T, D): each KV head's query group
+        y = cache(q, k, k_rope, v, pos, self.window, rope)  # (B, H_kv, G, T, D)
+        return self.o_proj(y.reshape(B, -1, T, self.head_dim).transpose(1, 2).reshape(B, T, -1))
 
 
 class MLP(nn.Module):
@@ -237,8 +353,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
         self.mlp = MLP(args)
 
-    def forward(self, x, pos, cos, sin):
-        h = x + self.attn(self.input_layernorm(x), pos, cos, sin)
+    def forward(self, x, pos, cos, sin, cache: LayerCache, rope=None):
+        h = x + self.attn(self.input_layernorm(x), pos, cos, sin, cache, rope)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -252,46 +368,46 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_frequencies(args), persistent=False)
 
-    def setup_cache(self, batch: int, max_len: int) -> None:
-        """Give every attention layer a fresh cache of its own kind for `batch` sequences of `max_len` tokens."""
-        if max_len > self.args.max_seq_len:
-            raise KVNestError(f"max length {max_len} exceeds the model's context of {self.args.max_seq_len} tokens")
-        p = self.lm_head.weight
-        for layer in self.layers:
-            layer.attn.cache = layer.attn.new_cache(batch, max_len, p.dtype, p.device)
-
-    def clear_cache(self) -> None:
-        for layer in self.layers:
-            layer.attn.cache = None
-
-    def cache_bytes(self) -> int:
-        return sum(layer.attn.cache.nbytes() for layer in self.layers)
-
     def fingerprint(self) -> dict:
         """Shapes plus a checksum of the first layer's key weights: what a checkpoint must match to be applied."""
         a, w = self.args, self.layers[0].attn.k_proj.weight
         return {"n_layers": a.n_layers, "n_kv_heads": a.n_kv_heads, "head_dim": a.head_dim, "dim": a.dim,
                 "vocab_size": a.vocab_size, "k_proj_checksum": float(f"{float(w.double().abs().sum()):.3g}")}
 
-    def forward(self, tokens: torch.Tensor, pos: int = 0) -> torch.Tensor:
-        """tokens (B, T) at absolute positions [pos, pos+T) -> logits (B, T, vocab)."""
-        cos, sin = rope_cos_sin(self.inv_freq, torch.arange(pos, pos + tokens.shape[1], device=tokens.device))
+    def rope(self, pos, T: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (T, D) of positions [pos, pos + T); pos an int, or a 0-d tensor in a compiled step."""
+        cos, sin = rope_cos_sin(self.inv_freq, pos + torch.arange(T, device=self.inv_freq.device))
+        return cos.to(dtype), sin.to(dtype)
+
+    def forward(self, tokens: torch.Tensor, pos=0, cache: KVCache | None = None) -> torch.Tensor:
+        """tokens (B, T) at absolute positions [pos, pos+T) -> logits (B, T, vocab). Without a cache: the plain
+        forward from position 0 (over a full cache of exactly T slots, dropped afterwards)."""
+        if cache is None:
+            if not isinstance(pos, int) or pos != 0:
+                raise ModelError("an uncached forward starts at position 0; pass a KVCache to decode")
+            cache = KVCache(self, tokens.shape[0], tokens.shape[1])
+        if isinstance(pos, int) and pos + tokens.shape[1] > self.args.max_seq_len:
+            raise ModelError(f"{pos + tokens.shape[1]} tokens exceed the model's context of {self.args.max_seq_len}; "
+                             f"pass a shorter sequence")
+        if isinstance(pos, int) and pos + tokens.shape[1] > cache.size:
+            raise ModelError(f"sequence of {pos + tokens.shape[1]} tokens exceeds the cache of {cache.size}; pass "
+                             f"a larger max length (or a shorter prompt)")
         x = self.embed_tokens(tokens)  # (B, T, dim)
-        for layer in self.layers:
-            x = layer(x, pos, cos.to(x.dtype), sin.to(x.dtype))
+        cos, sin = self.rope(pos, tokens.shape[1], x.dtype)
+        for layer, layer_cache in zip(self.layers, cache.layers):
+            x = layer(x, pos, cos, sin, layer_cache, cache.rope)
         return self.lm_head(self.norm(x))
 
 
 def load_model(path, dtype=torch.float32, device="cpu") -> Transformer:
     """Load a Hugging Face folder (config.json + model.safetensors or shards with an index), no transformers."""
-    from safetensors import safe_open
-    from safetensors import SafetensorError
+    from safetensors import SafetensorError, safe_open
 
     folder = Path(path)
     if not folder.is_dir():
-        raise KVNestError(f"model folder {folder} does not exist; pass --model a Hugging Face model folder")
+        raise ModelError(f"model folder {folder} does not exist; pass --model a Hugging Face model folder")
     if not (folder / "config.json").is_file():
-        raise KVNestError(f"{folder} has no config.json; pass a Hugging Face model folder")
+        raise ModelError(f"{folder} has no config.json; pass a Hugging Face model folder")
     args = ModelArgs.from_hf_config(json.loads((folder / "config.json").read_text()))
     index = folder / "model.safetensors.index.json"
     if index.is_file():
@@ -299,7 +415,7 @@ def load_model(path, dtype=torch.float32, device="cpu") -> Transformer:
     else:
         files = sorted(folder.glob("*.safetensors"))
     if not files:
-        raise KVNestError(f"{folder} has no *.safetensors weights; convert the checkpoint to safetensors first")
+        raise ModelError(f"{folder} has no *.safetensors weights; convert the checkpoint to safetensors first")
     state = {}
     for file in files:
         try:
@@ -307,27 +423,26 @@ def load_model(path, dtype=torch.float32, device="cpu") -> Transformer:
                 for name in f.keys():
                     state[name.removeprefix("model.").replace("self_attn.", "attn.")] = f.get_tensor(name).to(dtype)
         except (SafetensorError, OSError) as e:
-            raise KVNestError(f"cannot read {file} ({str(e).splitlines()[0]}); the file is damaged or truncated, "
-                              f"download or convert it again") from None
+            raise ModelError(f"cannot read {file} ({str(e).splitlines()[0]}); the file is damaged or truncated, "
+                             f"download or convert it again") from None
     if args.tie_embeddings or "lm_head.weight" not in state:
         state["lm_head.weight"] = state["embed_tokens.weight"]
     with torch.device("meta"):
         model = Transformer(args)
     missing = sorted(set(model.state_dict()) - set(state))
     if missing:
-        raise KVNestError(f"weights in {folder} lack {len(missing)} tensors (first: {missing[0]}); "
-                          f"is this a complete {args.n_layers}-layer LLaMA/Mistral checkpoint?")
+        raise ModelError(f"weights in {folder} lack {len(missing)} tensors (first: {missing[0]}); "
+                         f"is this a complete {args.n_layers}-layer LLaMA/Mistral checkpoint?")
     model.load_state_dict(state, strict=False, assign=True)
     model.inv_freq = rope_frequencies(args).to(device)
     return model.eval().requires_grad_(False)
 
 
 @torch.no_grad()
-def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
-             stop_ids=()):
-    """Prefill the (B, T) prompt, then yield (B,) next tokens, one decode step at a time (greedy at T = 0).
-    The caller sets up the cache (model.setup_cache, or a compressed cache swapped in by compress.py/evict.py)."""
-    logits, pos = model(prompt, 0), prompt.shape[1]
+def generate(step, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, stop_ids=()):
+    """Yield (B,) next tokens, one decode step at a time (greedy at temperature 0). step(tokens, pos) -> logits:
+    the model with its cache, e.g. `lambda t, p: model(t, p, cache)`; at pos 0 it prefills the (B, T) prompt."""
+    logits, pos = step(prompt, 0), prompt.shape[1]
     for _ in range(max_new_tokens):
         last = logits[:, -1].float()
         if temperature > 0:
@@ -337,69 +452,4 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, temp
         yield nxt
         if bool(torch.isin(nxt, torch.tensor(list(stop_ids), device=nxt.device)).all()):
             return
-        logits, pos = model(nxt[:, None], pos), pos + 1
-
-
-def main(argv=None) -> None:
-    from assets import add_model_flags, chatml, model_from_flags
-    p = argparse.ArgumentParser(description="Generate text with a LLaMA/Mistral model (optionally compressed KV).")
-    add_model_flags(p)
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the default model's ChatML template")
-    p.add_argument("--max-new-tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--max-len", type=int, default=None, help="cache length (default: prompt + new tokens)")
-    p.add_argument("--projections", help="MatryoshkaKV checkpoint (train.py) for a compressed cache")
-    p.add_argument("--budget", type=float, help="MatryoshkaKV budget in (0, 1] with --projections")
-    p.add_argument("--ranks", help="per-head ranks JSON from search.py, with --projections")
-    p.add_argument("--evict", choices=["streaming", "h2o", "snapkv", "random", "gate"], help="evict the prompt")
-    p.add_argument("--gate", help="gate checkpoint from `python train.py --method gate`, with --evict gate")
-    p.add_argument("--keep", type=float, default=0.5, help="kept fraction of the prompt's cache with --evict")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="decode with the compiled step of kernels.py (default: on CUDA)")
-    args = p.parse_args(argv)
-    torch.manual_seed(0)
-    model, tok, _ = model_from_flags(args)
-    if args.projections:
-        from compress import compress_from_flags
-        compress_from_flags(model, args.projections, args.budget, args.ranks)
-    ids = tok.encode(chatml(args.prompt) if args.chat else args.prompt)
-    max_len = args.max_len or len(ids) + args.max_new_tokens
-    if len(ids) >= max_len or max_len > model.args.max_seq_len:
-        raise KVNestError(f"prompt of {len(ids)} tokens plus {args.max_new_tokens} new does not fit a cache of "
-                          f"{min(max_len, model.args.max_seq_len)}; raise --max-len or shorten the prompt")
-    compiled = args.device.startswith("cuda") if args.compile is None else args.compile
-    if compiled or args.evict:  # kernels.Decoder stands in for the model: static caches, one step at a time
-        from kernels import Decoder, policy_from_flags
-        policy = policy_from_flags(model, args.evict, args.gate, args.keep)
-        runner = Decoder(model, max_len - len(ids), *policy, compile=compiled)
-    else:
-        runner = model
-        model.setup_cache(1, max_len)
-    stop = set(model.args.eos_ids) | {tok.token_id("<|im_end|>")} - {None}
-    out, shown, t0 = [], "", time.perf_counter()
-    for nxt in generate(runner, torch.tensor([ids], device=args.device), args.max_new_tokens, args.temperature, stop):
-        if int(nxt[0]) in stop:
-            break
-        out.append(int(nxt[0]))
-        text = tok.decode(out)
-        print(text[len(shown):], end="", flush=True)
-        shown = text
-    dt = time.perf_counter() - t0
-    kv = runner.nbytes() if runner is not model else model.cache_bytes()
-    print(f"\n[{len(out)} tokens in {dt:.2f}s: {len(out) / dt:.1f} tokens/s, KV cache {kv / 2**20:.2f} MiB]",
-          file=sys.stderr)
-
-
-def run_cli(main_fn) -> None:
-    """Run a script's main, turning a KVNestError into one line on stderr and exit status 2."""
-    try:
-        main_fn()
-    except KVNestError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
-if __name__ == "__main__":
-    import model  # the importable module: its KVNestError is the one assets.py and the methods raise
-    model.run_cli(model.main)
+        logits, pos = step(nxt[:, None], pos), pos + 1

@@ -10,18 +10,21 @@ compact cache, so evicted entries are really gone. Accuracy = the fraction of sa
 with the key.
 
     python passkey.py --length 4096 --keep 0.25 --samples 5 --gate runs/gate.safetensors
+    python passkey.py --length 4096 --keep 0.25 --projections runs/matryoshka.safetensors --budget 0.5   # both axes
 """
-import argparse
 import json
 import random
 
 import torch
 from tqdm import tqdm
 
-from assets import Tokenizer, add_model_flags, model_from_flags
-from evict import StreamingLLM, baseline, prefill_and_evict, restore_full
+from assets import Tokenizer
+from errors import KVNestError, Parser, count, ratio, run_cli
+from evict import BASELINES, baseline
+from flags import add_model_flags, features_from_args, model_from_flags
 from gate import load_gate
-from model import KVNestError, Transformer, run_cli
+from kernels import Decoder
+from model import Transformer
 
 FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ")
 QUESTION = " What is the pass key? The pass key is"
@@ -42,49 +45,55 @@ def make_sample(tok: Tokenizer, length: int, rng: random.Random) -> tuple[list, 
 
 
 @torch.no_grad()
-def retrieve(model: Transformer, tok: Tokenizer, doc: list, question: list, policy, keep: float,
+def retrieve(model: Transformer, tok: Tokenizer, doc: list, question: list, policy, keep: float, features=None,
              new_tokens: int = 8) -> str:
-    """Evict the document's cache to `keep`, then decode the question and a greedy answer from the compact cache."""
+    """Evict the document's cache to `keep` (policy None: keep it all), then decode the question one token at a time
+    and a greedy answer from what is left. features (compress.Matryoshka) compress every entry too."""
+    dec = Decoder(model, len(question) + new_tokens, features, policy, keep, exact=True, compile=False)
     device = model.inv_freq.device
-    ctx = torch.tensor([doc], device=device)
-    prefill_and_evict(model, ctx, policy, keep, exact=True, compact=True, max_new=len(question) + new_tokens)
-    pos, answer = len(doc), []
-    logits = None
-    for t in question:  # one decode step per question token: the compact cache grows by one entry each
-        logits = model(torch.tensor([[t]], device=device), pos)
-        pos += 1
+    logits, pos = dec(torch.tensor([doc], device=device), 0), len(doc)
+    for t in question:  # one decode step per question token: the cache grows by one entry each
+        logits, pos = dec(torch.tensor([[t]], device=device), pos), pos + 1
+    answer = []
     for _ in range(new_tokens):
-        nxt = int(logits[0, -1].argmax())
-        answer.append(nxt)
-        logits = model(torch.tensor([[nxt]], device=device), pos)
-        pos += 1
-    restore_full(model)
+        answer.append(int(logits[0, -1].argmax()))
+        logits, pos = dec(torch.tensor([answer[-1:]], device=device), pos), pos + 1
     return tok.decode(answer)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Passkey retrieval accuracy for the full cache and eviction methods.")
+    p = Parser(description="Passkey retrieval accuracy for the full cache and eviction methods.")
     add_model_flags(p)
-    p.add_argument("--length", type=int, default=4096, help="prompt tokens (the default model has 8192)")
-    p.add_argument("--keep", type=float, default=0.25)
-    p.add_argument("--samples", type=int, default=5)
-    p.add_argument("--methods", default="streaming,h2o,snapkv,random", help="comma-separated baselines")
+    p.add_argument("--length", type=lambda s: count(s, 100), default=4096, help="prompt tokens (the default model "
+                   "has 8192)")
+    p.add_argument("--keep", type=ratio, default=0.25)
+    p.add_argument("--samples", type=count, default=5)
+    p.add_argument("--methods", default="streaming,h2o,snapkv,random", help="comma-separated baselines (or none)")
     p.add_argument("--gate", help="gate checkpoint to include")
+    p.add_argument("--projections", help="MatryoshkaKV checkpoint: compress every method's cache too")
+    p.add_argument("--budget", type=ratio, help="MatryoshkaKV budget with --projections")
+    p.add_argument("--ranks", help="per-head ranks JSON from search.py, with --projections")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
+    methods = [m for m in args.methods.split(",") if m and m != "none"]
+    unknown = sorted(set(methods) - set(BASELINES))
+    if unknown:
+        raise KVNestError(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(BASELINES)} (the gate "
+                          f"comes with --gate)")
     model, tok, _ = model_from_flags(args)
     if args.length > model.args.max_seq_len:
         raise KVNestError(f"--length {args.length} exceeds the model's context of {model.args.max_seq_len}")
+    features = features_from_args(model, args)
     rng = random.Random(args.seed)
     samples = [make_sample(tok, args.length, rng) for _ in range(args.samples)]
-    runs = {"full cache": (StreamingLLM(), 1.0)}
-    runs.update({m: (baseline(m, args.keep), args.keep) for m in args.methods.split(",") if m})
+    runs = {"full cache": (None, 1.0)}
+    runs.update({m: (baseline(m), args.keep) for m in methods})
     if args.gate:
         runs["gate"] = (load_gate(args.gate, model)[0], args.keep)
     acc = {}
     for name, (policy, keep) in tqdm(runs.items(), desc="passkey"):
-        hits = [retrieve(model, tok, d, q, policy, keep).strip().startswith(key) for d, q, key in samples]
+        hits = [retrieve(model, tok, d, q, policy, keep, features).strip().startswith(key) for d, q, key in samples]
         acc[name] = sum(hits) / len(hits)
     if args.json:
         print(json.dumps({"length": args.length, "keep": args.keep, "samples": args.samples, "accuracy": acc}))

@@ -14,29 +14,37 @@ A candidate at layer l changes nothing before l, so its forward restarts from th
 
     python search.py --projections runs/matryoshka.safetensors --budget 0.25   # writes runs/ranks.json + PNGs
 """
-import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from assets import add_model_flags, load_text, model_from_flags, token_windows
-from compress import budget_of, check_budget, compress, full_cache, load_projections, set_ranks
-from eval import SWEEP_BUDGETS, kl_and_top1
-from model import KVNestError, Transformer, rope_cos_sin, run_cli
+from assets import load_text, token_windows
+from compress import Projections, budget_of, load_projections
+from errors import KVNestError, Parser, check_ratio, count, ratio, run_cli
+from eval import SWEEP_BUDGETS
+from flags import add_model_flags, model_from_flags
+from losses import kl_and_top1
+from model import KVCache, Transformer
 
 
 class SuffixRunner:
     """Forward passes over fixed calibration windows that can restart at any layer from cached layer inputs."""
 
-    def __init__(self, model: Transformer, windows: torch.Tensor):
+    def __init__(self, model: Transformer, proj: Projections, windows: torch.Tensor):
         self.model, self.x = model, windows.to(model.inv_freq.device)
-        T = windows.shape[1]
-        self.cos, self.sin = rope_cos_sin(model.inv_freq, torch.arange(T, device=self.x.device))
-        with full_cache(model):
-            self.ref = model(self.x)  # (N, T, V) full-cache logits
+        N, T = windows.shape
+        self.cos, self.sin = model.rope(0, T, model.lm_head.weight.dtype)
+        self.ref = model(self.x)  # (N, T, V) full-cache logits
         self.inputs = [None] * model.args.n_layers  # input of each layer under the current ranks
+        D = model.args.head_dim
+        self.full = proj.features(*(torch.full((model.args.n_layers, model.args.n_kv_heads), D),) * 2)  # bases once
+        self.cache = None
+
+    def set_ranks(self, rank_k: torch.Tensor, rank_v: torch.Tensor) -> None:
+        self.cache = KVCache(self.model, *self.x.shape, replace(self.full, rank_k=rank_k, rank_v=rank_v))
 
     def run(self, start: int, keep_inputs: bool = False) -> torch.Tensor:
         """Logits when layers from `start` on are recomputed; the inputs of layers before `start` are reused."""
@@ -45,7 +53,7 @@ class SuffixRunner:
         for i in range(start, m.args.n_layers):
             if keep_inputs:
                 self.inputs[i] = h
-            h = m.layers[i](h, 0, self.cos, self.sin)
+            h = m.layers[i](h, 0, self.cos, self.sin, self.cache.layers[i], self.cache.rope)
         return m.lm_head(m.norm(h))
 
     def kl(self, start: int, keep_inputs: bool = False) -> float:
@@ -53,14 +61,18 @@ class SuffixRunner:
 
 
 @torch.no_grad()
-def greedy_search(model: Transformer, windows: torch.Tensor, target: float, step: int, per_round: int,
-                  record: tuple = SWEEP_BUDGETS, min_rank: int | None = None) -> dict:
-    """Ranks at every budget in `record` down to `target` (both included): {budget: {"k", "v", "kl"}}."""
-    check_budget(target)
+def greedy_search(model: Transformer, proj: Projections, windows: torch.Tensor, target: float, step: int,
+                  per_round: int, record: tuple = SWEEP_BUDGETS, min_rank: int | None = None) -> dict:
+    """Ranks of `proj` at every budget in `record` down to `target` (both included): {budget: {"k", "v", "kl"}}."""
+    check_ratio(target, "budget")
     a, D = model.args, model.args.head_dim
     if not 1 <= step <= D:
         raise KVNestError(f"rank step {step} is outside [1, head_dim={D}]")
-    min_rank = min_rank or step
+    min_rank = step if min_rank is None else min_rank
+    if not 1 <= min_rank <= D:
+        raise KVNestError(f"minimum rank {min_rank} is outside [1, head_dim={D}]")
+    if per_round < 1:
+        raise KVNestError(f"{per_round} decrements per round would never reach the budget; pass 1 or more")
     ranks = {"k": torch.full((a.n_layers, a.n_kv_heads), D), "v": torch.full((a.n_layers, a.n_kv_heads), D)}
     total = 2 * a.n_layers * a.n_kv_heads * D
     floor = 2 * a.n_layers * a.n_kv_heads * min_rank / total
@@ -68,10 +80,10 @@ def greedy_search(model: Transformer, windows: torch.Tensor, target: float, step
         raise KVNestError(f"budget {target} is below {floor:.3f}, the budget at the minimum rank {min_rank}; "
                           f"raise --budget or lower --min-rank")
     wanted = sorted({b for b in record if target <= b <= 1} | {target}, reverse=True)
-    runner, found = SuffixRunner(model, windows), {}
+    runner, found = SuffixRunner(model, proj, windows), {}
 
     def apply() -> float:
-        set_ranks(model, ranks["k"], ranks["v"])
+        runner.set_ranks(ranks["k"], ranks["v"])
         return runner.kl(0, keep_inputs=True)
 
     kl = apply()
@@ -88,7 +100,7 @@ def greedy_search(model: Transformer, windows: torch.Tensor, target: float, step
                 for head in range(a.n_kv_heads):
                     if ranks[kind][layer, head] - step >= min_rank:
                         ranks[kind][layer, head] -= step
-                        set_ranks(model, ranks["k"], ranks["v"])
+                        runner.set_ranks(ranks["k"], ranks["v"])
                         candidates.append((runner.kl(layer), kind, layer, head))
                         ranks[kind][layer, head] += step
         if not candidates:
@@ -139,25 +151,27 @@ def plot_ranks(rank_k: list, rank_v: list, budget: float, path: Path) -> None:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Greedy per-head rank search for MatryoshkaKV under a budget.")
+    p = Parser(description="Greedy per-head rank search for MatryoshkaKV under a budget.")
     add_model_flags(p)
     p.add_argument("--projections", required=True, help="MatryoshkaKV checkpoint from train.py")
-    p.add_argument("--budget", type=float, default=0.25, help="target budget in (0, 1]; the sweep budgets above "
+    p.add_argument("--budget", type=ratio, default=0.25, help="target budget in (0, 1]; the sweep budgets above "
                    "it are recorded on the way")
     p.add_argument("--data", help="calibration .txt/.jsonl (default: the train half of pydoc topics)")
-    p.add_argument("--calib-windows", type=int, default=1)
-    p.add_argument("--calib-len", type=int, default=256)
-    p.add_argument("--step", type=int, default=None, help="rank decrement (default head_dim / 8)")
-    p.add_argument("--min-rank", type=int, default=None, help="lowest rank a head may get (default: --step)")
-    p.add_argument("--per-round", type=int, default=64, help="decrements per round (1 = the exact greedy)")
+    p.add_argument("--calib-windows", type=count, default=1)
+    p.add_argument("--calib-len", type=count, default=256)
+    p.add_argument("--step", type=count, default=None, help="rank decrement (default head_dim / 8)")
+    p.add_argument("--min-rank", type=count, default=None, help="lowest rank a head may get (default: --step)")
+    p.add_argument("--per-round", type=count, default=64, help="decrements per round (1 = the exact greedy)")
     p.add_argument("--out", default="runs/ranks.json")
     args = p.parse_args(argv)
     model, tok, folder = model_from_flags(args)
+    if args.calib_len > model.args.max_seq_len:
+        raise KVNestError(f"--calib-len {args.calib_len} exceeds the model's context of {model.args.max_seq_len}")
     proj, _, _ = load_projections(args.projections, model)
-    compress(model, proj)
     windows = token_windows(tok.encode(load_text(args.data, "train")), args.calib_len, args.calib_windows)
     step = args.step or max(1, model.args.head_dim // 8)
-    found = greedy_search(model, windows, args.budget, step, args.per_round, min_rank=args.min_rank)
+    with torch.no_grad():
+        found = greedy_search(model, proj, windows, args.budget, step, args.per_round, min_rank=args.min_rank)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"model": model.fingerprint(), "base_model": folder, "projections": args.projections,

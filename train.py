@@ -18,7 +18,6 @@ after its context was evicted by the gate's straight-through flags, plus keep_we
 `--protocol inside` evicts inside the prefill (the paper's protocol); `--sft pairs.jsonl` trains on prompt/answer
 pairs instead of text windows: the prompt is evicted and the loss is on the answer.
 """
-import argparse
 import math
 import time
 from pathlib import Path
@@ -27,13 +26,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from assets import add_model_flags, load_pairs, load_text, model_from_flags, token_windows
-from compress import (KEY_MODES, Projections, compress, full_cache, load_projections, pca_projections,
-                      save_projections, set_bases, set_ranks, uniform_ranks)
-from eval import SWEEP_BUDGETS, eval_windows, eviction_table, kl_and_top1, score
-from evict import Protocol, check_keep, prefill_and_evict, restore_full
+from assets import load_pairs, load_text, token_windows
+from compress import KEY_MODES, Projections, load_projections, pca_projections, save_projections, uniform_ranks
+from errors import KVNestError, Parser, count, number, positive, ratio, run_cli
+from eval import SWEEP_BUDGETS, eval_windows, eviction_table, score
+from evict import Protocol, prefill
+from flags import add_model_flags, model_from_flags
 from gate import Gate, calibrate_gate, load_gate, save_gate
-from model import KVNestError, Transformer, run_cli
+from losses import distill_loss
+from model import KVCache, Transformer
 
 # Flags that define what is trained; a resumed run must agree on them.
 RUN_FLAGS = ("method", "key_mode", "seq_len", "batch", "lr", "warmup", "clip", "kl_weight", "ce_weight",
@@ -47,16 +48,6 @@ def lr_at(step: int, steps: int, lr: float, warmup: float) -> float:
     if step < n_warm:
         return lr * (step + 1) / n_warm
     return lr * 0.5 * (1 + math.cos(math.pi * (step - n_warm) / max(1, steps - n_warm)))
-
-
-def distill_loss(teacher: torch.Tensor, student: torch.Tensor, targets: torch.Tensor, kl_w: float, ce_w: float):
-    """kl_w * KL(teacher || student) + ce_w * CE, each averaged over positions. logits (B, T, V), targets (B, T)."""
-    loss = student.new_zeros(())
-    if kl_w:
-        loss = loss + kl_w * kl_and_top1(teacher, student)[0].mean()
-    if ce_w:
-        loss = loss + ce_w * F.cross_entropy(student.flatten(0, 1).float(), targets.flatten())
-    return loss
 
 
 def sample_batch(ids: torch.Tensor, batch: int, seq_len: int, gen: torch.Generator) -> torch.Tensor:
@@ -115,10 +106,16 @@ def fit(module: torch.nn.Module, names: list, step_loss, save, cfg: dict, start:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, cfg["lr"], cfg["warmup"])
         loss, n = step_loss(step, torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + step))
+        if not torch.isfinite(loss):
+            raise KVNestError(f"the loss is {loss.item()} at step {step}; {desc} stopped and kept the last good "
+                              f"checkpoint; lower --lr or check the data")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg["clip"])
         opt.step()
+        if not all(bool(torch.isfinite(p).all()) for p in params):
+            raise KVNestError(f"a weight became non-finite at step {step}; {desc} stopped and kept the last good "
+                              f"checkpoint; lower --lr")
         tokens += n
         bar.set_postfix(loss=f"{loss.item():.4f}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
         if (step + 1) % save_every == 0 or step + 1 in (steps, stop_after):
@@ -140,24 +137,22 @@ def train_matryoshka(model: Transformer, ids: torch.Tensor, cfg: dict, out: Path
         start = check_resume(out, meta, cfg)
     else:
         proj = pca_projections(model, calib, cfg["key_mode"])
-    compress(model, proj)
     meta = dict(meta_extra, model=model.fingerprint(), config=cfg)
 
     def step_loss(step, gen):
         x = sample_batch(ids, cfg["batch"], cfg["seq_len"], gen).to(model.inv_freq.device)
         inputs, targets = x[:, :-1], x[:, 1:]
-        set_ranks(model, sample_ranks(model, cfg["rank_step"], gen), sample_ranks(model, cfg["rank_step"], gen))
-        with torch.no_grad(), full_cache(model), autocast_for(model):
+        ranks = sample_ranks(model, cfg["rank_step"], gen), sample_ranks(model, cfg["rank_step"], gen)
+        with torch.no_grad(), autocast_for(model):
             teacher = model(inputs)
-        set_bases(model, proj)
         with autocast_for(model):
-            return distill_loss(teacher, model(inputs), targets, cfg["kl_weight"], cfg["ce_weight"]), inputs.numel()
+            student = model(inputs, 0, KVCache(model, *inputs.shape, proj.features(*ranks)))
+            return distill_loss(teacher, student, targets, cfg["kl_weight"], cfg["ce_weight"]), inputs.numel()
 
     def save(step, opt_tensors):
         save_projections(out, proj, dict(meta, step=step), opt_tensors)
 
     fit(proj, ["W_k", "W_v", "b_v"], step_loss, save, cfg, start, extra, desc="train matryoshka", **fit_kw)
-    set_bases(model, proj)
     return proj
 
 
@@ -189,13 +184,13 @@ def train_gate(model: Transformer, ids: torch.Tensor | None, cfg: dict, out: Pat
     def step_loss(step, gen):
         x, ctx = sample(gen)
         x = x.to(model.inv_freq.device)
-        restore_full(model)
         with torch.no_grad(), autocast_for(model):
             teacher = model(x[:, :-1])[:, ctx - 1:]  # (B, T - ctx + 1, V)
-        ctx_logits, flags = prefill_and_evict(model, x[:, :ctx], gate, cfg["keep"], exact=False, train=True,
-                                              protocol=Protocol(inside=cfg["protocol"] == "inside"))
+        cache = KVCache(model, x.shape[0], x.shape[1] - 1)
         with autocast_for(model):
-            student = torch.cat([ctx_logits[:, -1:], model(x[:, ctx:-1], ctx)], 1)
+            ctx_logits, flags = prefill(model, x[:, :ctx], cache, gate, cfg["keep"], exact=False, compact=False,
+                                        train=True, protocol=Protocol(inside=cfg["protocol"] == "inside"))
+            student = torch.cat([ctx_logits[:, -1:], model(x[:, ctx:-1], ctx, cache)], 1)
         kept = torch.stack([f.mean() for f in flags]).mean()
         loss = distill_loss(teacher, student, x[:, ctx:], cfg["kl_weight"], cfg["ce_weight"])
         return loss + cfg["keep_weight"] * (kept - cfg["keep"]) ** 2, student.shape[0] * student.shape[1]
@@ -204,20 +199,17 @@ def train_gate(model: Transformer, ids: torch.Tensor | None, cfg: dict, out: Pat
         save_gate(out, gate, dict(meta, step=step), opt_tensors)
 
     fit(gate, ["w", "u", "c", "wq", "wk"], step_loss, save, cfg, start, extra, desc="train gate", **fit_kw)
-    restore_full(model)
     return gate
 
 
 def budget_table(model: Transformer, proj: Projections, windows: torch.Tensor) -> str:
     """Markdown: eval perplexity and KL at uniform ranks over the sweep budgets, PCA against trained."""
-    pca = Projections(proj.U0_k, proj.U0_v, proj.key_mode).to(proj.U0_k.device)
     lines = ["| budget | PCA ppl (KL) | trained ppl (KL) |", "|---|---|---|"]
     for budget in tqdm(SWEEP_BUDGETS, desc="budget table"):
         cells = []
-        for p in (pca, proj):
-            compress(model, p)
-            set_ranks(model, *uniform_ranks(model, budget))
-            s = score(model, windows)
+        for p in (proj.pca(), proj):
+            with torch.no_grad():
+                s = score(model, windows, p.features(*uniform_ranks(model, budget)))
             cells.append(f"{s['perplexity']:.2f} ({s['kl']:.3f})")
         lines.append(f"| {budget:.1%} | {' | '.join(cells)} |")
     return "\n".join(lines)
@@ -230,64 +222,74 @@ DEFAULTS = {  # per method: what `python train.py [--method gate]` runs on a 2-c
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Train KV compression by distillation from the full-cache model: "
-                                "MatryoshkaKV projections (default) or Attention-Gate eviction gates.")
+    p = Parser(description="Train KV compression by distillation from the full-cache model: MatryoshkaKV "
+               "projections (default) or Attention-Gate eviction gates.")
     add_model_flags(p)
     p.add_argument("--method", default="matryoshka", choices=list(DEFAULTS))
     p.add_argument("--data", help="training .txt/.jsonl (default: the train half of pydoc topics)")
     p.add_argument("--eval-data", help="text for the closing table (default: the eval half)")
     p.add_argument("--out", help="checkpoint path (default runs/<method>.safetensors)")
     p.add_argument("--resume", action="store_true", help="continue from --out if it exists")
-    for name in ("steps", "batch", "seq_len", "lr"):
-        p.add_argument(f"--{name.replace('_', '-')}", type=type(DEFAULTS["gate"][name]), default=None,
+    for name, kind in (("steps", count), ("batch", count), ("seq_len", lambda s: count(s, 2)), ("lr", positive)):
+        p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None,
                        help=" / ".join(f"{m}: {d[name]}" for m, d in DEFAULTS.items()) + " by default")
-    p.add_argument("--warmup", type=float, default=0.05, help="warm-up fraction of the steps")
-    p.add_argument("--clip", type=float, default=1.0, help="gradient norm clip")
-    p.add_argument("--kl-weight", type=float, default=1.0)
-    p.add_argument("--ce-weight", type=float, default=0.0, help="LM cross-entropy weight (paper: 0.75, KL 0.25)")
+    p.add_argument("--warmup", type=number, default=0.05, help="warm-up fraction of the steps, in [0, 1)")
+    p.add_argument("--clip", type=positive, default=1.0, help="gradient norm clip")
+    p.add_argument("--kl-weight", type=number, default=1.0)
+    p.add_argument("--ce-weight", type=number, default=0.0, help="LM cross-entropy weight (paper: 0.75, KL 0.25)")
     p.add_argument("--key-mode", default="pre_rope", choices=KEY_MODES, help="matryoshka: project keys before or "
                    "after RoPE")
-    p.add_argument("--rank-step", type=int, default=None, help="matryoshka: ranks are drawn from multiples of "
+    p.add_argument("--rank-step", type=count, default=None, help="matryoshka: ranks are drawn from multiples of "
                    "this (default head_dim / 8)")
-    p.add_argument("--calib-windows", type=int, default=8, help="matryoshka: 512-token windows for the PCA start")
-    p.add_argument("--keep", type=float, default=0.5, help="gate: target kept fraction of the context")
-    p.add_argument("--keep-weight", type=float, default=10.0, help="gate: weight of (kept - keep)^2")
-    p.add_argument("--ctx-len", type=int, default=384, help="gate: context tokens of each window")
+    p.add_argument("--calib-windows", type=count, default=8, help="matryoshka: 512-token windows for the PCA start")
+    p.add_argument("--keep", type=ratio, default=0.5, help="gate: target kept fraction of the context")
+    p.add_argument("--keep-weight", type=number, default=10.0, help="gate: weight of (kept - keep)^2")
+    p.add_argument("--ctx-len", type=count, default=384, help="gate: context tokens of each window")
     p.add_argument("--protocol", choices=["after", "inside"], default="after",
                    help="gate: evict after a full-attention prefill or inside it (the paper's protocol)")
     p.add_argument("--sft", help="gate: supervised fine-tuning on a .jsonl of {\"prompt\", \"answer\"} pairs (the "
-                   "prompt is evicted, the loss is on the answer; one pair per step; format prompts yourself, e.g. ChatML)")
+                   "prompt is evicted, the loss is on the answer; one pair per step; format prompts yourself)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save-every", type=int, default=50)
+    p.add_argument("--save-every", type=count, default=50)
     p.add_argument("--no-table", action="store_true", help="skip the closing table")
     args = p.parse_args(argv)
     for name, value in DEFAULTS[args.method].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     args.out = Path(args.out or f"runs/{args.method}.safetensors")
-    if args.steps < 1 or args.batch < 1 or args.seq_len < 2:
-        raise KVNestError("--steps and --batch must be >= 1 and --seq-len >= 2")
+    if not 0 <= args.warmup < 1 or args.kl_weight < 0 or args.ce_weight < 0 or args.keep_weight < 0:
+        raise KVNestError("--warmup must be in [0, 1) and the loss weights >= 0")
+    if args.kl_weight == args.ce_weight == 0:
+        raise KVNestError("--kl-weight and --ce-weight are both 0: nothing to train on; give one a weight")
+    if args.out.parent.exists() and not args.out.parent.is_dir():
+        raise KVNestError(f"--out {args.out}: {args.out.parent} is a file, not a folder")
+    given = [f for f in ("key_mode", "rank_step", "calib_windows") if getattr(args, f) != p.get_default(f)]
+    given = given if args.method == "gate" else [f for f in ("keep", "keep_weight", "ctx_len", "protocol", "sft")
+                                                  if getattr(args, f) != p.get_default(f)]
+    if given:
+        raise KVNestError(f"--{given[0].replace('_', '-')} does not act with --method {args.method}; drop it")
     model, tok, folder = model_from_flags(args)
-    D = model.args.head_dim
+    D, context = model.args.head_dim, model.args.max_seq_len
+    if not args.sft and args.seq_len + 1 > context:
+        raise KVNestError(f"--seq-len {args.seq_len} plus its target token exceeds the model's context of {context}")
     args.rank_step = args.rank_step or max(1, D // 8)
-    if not 1 <= args.rank_step <= D:
+    if args.rank_step > D:
         raise KVNestError(f"--rank-step {args.rank_step} is outside [1, head_dim={D}]")
     cfg = {k: getattr(args, k) for k in RUN_FLAGS}
-    if args.sft and args.method != "gate":
-        raise KVNestError("--sft trains the gate; add --method gate")
     pairs = [(tok.encode(q), tok.encode(a)) for q, a in load_pairs(args.sft)] if args.sft else None
-    if pairs and any(not q or len(a) < 2 for q, a in pairs):
-        raise KVNestError(f"{args.sft}: every prompt needs at least 1 token and every answer at least 2")
+    if pairs and any(not q or len(a) < 2 or len(q) + len(a) > context for q, a in pairs):
+        raise KVNestError(f"{args.sft}: every prompt needs at least 1 token, every answer at least 2, and each pair "
+                          f"at most the model's context of {context}")
     ids = None if pairs else torch.tensor(tok.encode(load_text(args.data, "train")))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta, fit_kw = {"base_model": folder}, {"save_every": args.save_every}
+    window = min(512, context)  # calibration and closing-table windows
     if args.method == "matryoshka":
-        calib = token_windows(ids.tolist(), 512, args.calib_windows)
+        calib = token_windows(ids.tolist(), window, args.calib_windows)
         proj = train_matryoshka(model, ids, cfg, args.out, meta, args.resume, calib, **fit_kw)
-        table = None if args.no_table else budget_table(model, proj, eval_windows(tok, args.eval_data, 6, 512))
+        table = None if args.no_table else budget_table(model, proj, eval_windows(tok, args.eval_data, 6, window))
     else:
-        check_keep(args.keep)
-        if not 0 < args.ctx_len < args.seq_len - 1:
+        if not args.ctx_len < args.seq_len - 1:
             raise KVNestError(f"--ctx-len {args.ctx_len} must leave continuation tokens in --seq-len {args.seq_len}")
         gate = train_gate(model, ids, cfg, args.out, meta, args.resume, pairs, **fit_kw)
         table = None if args.no_table else eviction_table(

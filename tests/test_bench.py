@@ -13,16 +13,16 @@ def test_bench_rows_bytes_and_capacity(tiny_llama):
     assert [(r["kind"], r["batch"]) for r in rows] == [(k, b) for b in (1, 2) for k in KINDS]
     assert all(r["fits"] and 0 < r["step_s"] <= r["slowest_s"] and r["peak_bytes"] > 0 for r in rows)
     by = {(r["kind"], r["batch"]): r for r in rows}
-    slots = 64 + 65  # context + room (4 new tokens rounded up to the bucket of 64, plus one spare)
+    slots = 64 + 4  # context + room for the 2 + 2 decoded tokens
     per_slot = 2 * 2 * 2 * 16 * 4  # K and V, 2 layers, 2 KV heads, D = 16, fp32
     for b in (1, 2):
         assert by["full", b]["kv_bytes"] == b * slots * per_slot
         assert by["matryoshka", b]["kv_bytes"] == by["matryoshka-pre", b]["kv_bytes"] == b * slots * per_slot // 2
-        assert by["eviction", b]["kv_bytes"] == b * (16 + 65) * per_slot  # 16 of 64 context entries kept
-        assert by["both", b]["kv_bytes"] == b * (16 + 65) * per_slot // 2
-        positions = b * (16 + 65) * 2 * 2 * 8  # pre-RoPE keys after eviction: an int64 position per slot and head
-        assert by["both-pre", b]["kv_bytes"] == b * (16 + 65) * per_slot // 2 + positions
-        assert by["full", b]["read_bytes"] == b * (64 + 64) * per_slot  # a step reads the prefix, not the buffer
+        assert by["eviction", b]["kv_bytes"] == b * (16 + 4) * per_slot  # 16 of 64 context entries kept
+        assert by["both", b]["kv_bytes"] == b * (16 + 4) * per_slot // 2
+        positions = b * (16 + 4) * 2 * 2 * 8  # pre-RoPE keys after eviction: an int64 position per slot and head
+        assert by["both-pre", b]["kv_bytes"] == b * (16 + 4) * per_slot // 2 + positions
+        assert by["full", b]["read_bytes"] == by["full", b]["kv_bytes"]  # a step reads its whole buffers
     assert table(rows, torch.device("cpu")).count("\n") == len(rows) + 1
     cap = capacity(per_token, [1, 4], torch.device("cpu"))
     assert cap["full"][1] // 4 - cap["full"][4] <= 1
@@ -31,3 +31,20 @@ def test_bench_rows_bytes_and_capacity(tiny_llama):
     x = torch.randint(0, 128, (1, 8))
     with torch.no_grad():  # bench leaves the model as it found it
         assert torch.equal(model(x), load_model(tiny_llama[0])(x))
+
+
+def test_filled_caches_decode_like_prefilled_ones(tiny_llama):
+    """bench's random caches are caches as a prefill leaves them: decoding from one equals the uncached forward over
+    the same entries (here: a full cache filled with the entries of a real prefill)."""
+    from bench import filled_cache
+    from model import KVCache
+    model = load_model(tiny_llama[0])
+    x = torch.randint(0, 128, (2, 12))
+    cache, real = filled_cache(model, "full", 2, 11, 1, 1.0, 1.0), KVCache(model, 2, 12)
+    with torch.no_grad():
+        model(x[:, :11], 0, real)
+        for mine, theirs in zip(cache.layers, real.layers):
+            mine.groups[0].k.copy_(theirs.groups[0].k)
+            mine.groups[0].v.copy_(theirs.groups[0].v)
+        assert cache.layers[0].groups[0].length.tolist() == [[11, 11], [11, 11]]
+        assert (model(x[:, 11:], 11, cache) - model(x)[:, 11:]).abs().max() < 1e-5

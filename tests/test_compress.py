@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from conftest import run_config
-from compress import (KEY_MODES, budget_of, compress, fold_values, full_cache, load_projections,
-                      load_ranks, pca_projections, save_projections, set_ranks, uniform_ranks)
-from model import KVNestError, apply_rope, generate, load_model, rope_cos_sin
+from compress import (KEY_MODES, budget_of, load_projections, load_ranks, pca_projections, save_projections,
+                      uniform_ranks)
+from errors import KVNestError
+from model import KVCache, apply_rope, generate, load_model, rope_cos_sin
 from search import greedy_search
 from train import train_matryoshka
 
@@ -39,6 +40,11 @@ def trained_like(model, key_mode="post_rope", seed=0):
     return proj
 
 
+def compressed(model, x, features):
+    """The model's logits over x (B, T) with a cache built with `features`."""
+    return model(x, 0, KVCache(model, *x.shape, features))
+
+
 @pytest.fixture
 def llama(tiny_llama):
     return load_model(tiny_llama[0])
@@ -63,12 +69,8 @@ def test_bases_stay_orthogonal_after_optimizer_steps(llama):
 def test_full_rank_reproduces_the_base_model(llama, key_mode):
     x = tokens(20)
     with torch.no_grad():
-        base = llama(x)
-        compress(llama, trained_like(llama, key_mode))
-        set_ranks(llama, *uniform_ranks(llama, 1.0))
-        assert (llama(x) - base).abs().max().item() < 1e-4
-        with full_cache(llama):
-            assert torch.equal(llama(x), base)
+        features = trained_like(llama, key_mode).features(*uniform_ranks(llama, 1.0))
+        assert (compressed(llama, x, features) - llama(x)).abs().max().item() < 1e-4
 
 
 def test_reconstruction_error_never_grows_with_rank(llama):
@@ -87,13 +89,10 @@ def test_reconstruction_error_never_grows_with_rank(llama):
 
 @pytest.mark.parametrize("budget", [1.0, 0.5, 0.25, None])
 def test_cache_bytes_equal_the_budget(llama, budget):
-    compress(llama, trained_like(llama))
     rank_k, rank_v = uniform_ranks(llama, budget) if budget else random_ranks(llama)
     full = 2 * 3 * 2 * 2 * 50 * 16 * 4  # K and V, batch 3, 2 layers, 2 KV heads, 50 tokens, D = 16, fp32
-    set_ranks(llama, rank_k, rank_v)
-    llama.setup_cache(3, 50)
-    achieved = llama.cache_bytes()
-    llama.clear_cache()
+    achieved = KVCache(llama, 3, 50, trained_like(llama).features(rank_k, rank_v)).nbytes()
+    assert KVCache(llama, 3, 50).nbytes() == full
     assert achieved == budget_of(rank_k, rank_v, 16) * full
     if budget:
         assert budget_of(rank_k, rank_v, 16) == budget
@@ -104,13 +103,11 @@ def test_attention_equals_an_eager_reference_with_a_key_mean(llama):
     the key-mean term mu, which the module drops, changes nothing."""
     attn = llama.layers[0].attn
     proj = trained_like(llama)
-    compress(llama, proj)
     rank_k, rank_v = random_ranks(llama, seed=3)
-    set_ranks(llama, rank_k, rank_v)
     x = torch.randn(2, 12, 64, generator=torch.Generator().manual_seed(1))
     cos, sin = rope_cos_sin(llama.inv_freq, torch.arange(12))
     with torch.no_grad():
-        out = llama.layers[0].attn(x, 0, cos, sin)
+        out = attn(x, 0, cos, sin, KVCache(llama, 2, 12, proj.features(rank_k, rank_v)).layers[0])
         q = apply_rope(attn.q_proj(x).view(2, 12, 4, 16).transpose(1, 2), cos, sin)
         k = apply_rope(attn.k_proj(x).view(2, 12, 2, 16).transpose(1, 2), cos, sin)
         v = attn.v_proj(x).view(2, 12, 2, 16).transpose(1, 2)
@@ -129,67 +126,51 @@ def test_attention_equals_an_eager_reference_with_a_key_mean(llama):
     assert (out - ref).abs().max().item() < 1e-5
 
 
-def test_folding_values_into_o_proj_is_exact(llama):
-    proj = trained_like(llama)
-    U_v, b = proj.bases()[1][0].detach(), proj.b_v[0].detach()
-    rank_v = [5, 11]
-    attn = llama.layers[0].attn
-    y_c = [torch.randn(3, rank_v[h // 2]) for h in range(4)]  # per query head, in V's compressed space
-    full = torch.cat([y_c[h] @ U_v[h // 2, :, : rank_v[h // 2]].T + b[h // 2] for h in range(4)], dim=1)
-    W, bias = fold_values(attn.o_proj.weight, U_v, b, rank_v, n_heads=4)
-    assert W.shape == (64, 2 * 5 + 2 * 11)
-    assert (torch.cat(y_c, 1) @ W.T + bias - attn.o_proj(full)).abs().max().item() < 1e-5
-
-
 @pytest.mark.parametrize("key_mode", KEY_MODES)
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_mistral"])
 def test_compressed_cache_decode_equals_uncached(fixture, key_mode, request):
     model = load_model(request.getfixturevalue(fixture)[0])
-    compress(model, trained_like(model, key_mode))
-    set_ranks(model, *random_ranks(model, seed=5))
+    features = trained_like(model, key_mode).features(*random_ranks(model, seed=5))
     x = tokens(26, 3)
     with torch.no_grad():
-        full = model(x)
-        model.setup_cache(3, 40)
-        steps = [model(x[:, :9], 0)] + [model(x[:, i:i + 1], i) for i in range(9, 26)]
+        full, cache = compressed(model, x, features), KVCache(model, 3, 40, features)
+        assert (full - model(x)).abs().max().item() > 0.1  # compressed: not the base model
+        steps = [model(x[:, :9], 0, cache)] + [model(x[:, i:i + 1], i, cache) for i in range(9, 26)]
         assert (torch.cat(steps, 1) - full).abs().max().item() < 1e-4
-        model.setup_cache(3, 40)
-        cached = torch.stack(list(generate(model, x[:, :5], 20)), 1)
-        model.clear_cache()
+        cache = KVCache(model, 3, 40, features)
+        cached = torch.stack(list(generate(lambda t, p: model(t, p, cache), x[:, :5], 20)), 1)
         y = x[:, :5]
         for _ in range(20):
-            y = torch.cat([y, model(y)[:, -1:].argmax(-1)], 1)
+            y = torch.cat([y, compressed(model, y, features)[:, -1:].argmax(-1)], 1)
     assert torch.equal(cached, y[:, 5:])
 
 
 def test_search_meets_its_budgets_and_is_deterministic(llama):
-    compress(llama, trained_like(llama))
-    calib = tokens(32, 2)
-    runs = [greedy_search(llama, calib, 0.25, step=2, per_round=3) for _ in range(2)]
+    proj, calib = trained_like(llama), tokens(32, 2)
+    runs = [greedy_search(llama, proj, calib, 0.25, step=2, per_round=3) for _ in range(2)]
     assert runs[0] == runs[1]
     assert sorted(runs[0]) == [0.25, 0.375, 0.5, 0.625, 0.75, 1.0]
     for b, e in runs[0].items():
         assert budget_of(torch.tensor(e["k"]), torch.tensor(e["v"]), 16) == b
     assert runs[0][0.25]["kl"] > runs[0][0.75]["kl"] > 0
-    exact = greedy_search(llama, calib, 0.75, step=2, per_round=1)
+    exact = greedy_search(llama, proj, calib, 0.75, step=2, per_round=1)
     assert budget_of(torch.tensor(exact[0.75]["k"]), torch.tensor(exact[0.75]["v"]), 16) == 0.75
 
 
-def kl_at_half_budget(model, x):
-    set_ranks(model, *uniform_ranks(model, 0.5))
+def kl_at_half_budget(model, proj, x):
     with torch.no_grad():
-        with full_cache(model):
-            ref = model(x).log_softmax(-1)
-        return (ref.exp() * (ref - model(x).log_softmax(-1))).sum(-1).mean().item()
+        ref = model(x).log_softmax(-1)
+        out = compressed(model, x, proj.features(*uniform_ranks(model, 0.5))).log_softmax(-1)
+        return (ref.exp() * (ref - out)).sum(-1).mean().item()
 
 
 def test_a_few_training_steps_lower_the_loss(tiny_llama, tmp_path):
     """On text with structure to learn (a repeated passage; i.i.d. random tokens leave PCA near-optimal)."""
     model, ids = load_model(tiny_llama[0]), tokens(100, 1)[0].repeat(20)
     held_out = ids[:400].view(4, 100)[:, :32]
-    before = kl_at_half_budget(compress(model, pca_projections(model, ids[:512].view(4, 128), "pre_rope")), held_out)
-    train_matryoshka(model, ids, run_config(), tmp_path / "p.safetensors", {}, calib=ids[:512].view(4, 128))
-    assert kl_at_half_budget(model, held_out) < 0.9 * before
+    before = kl_at_half_budget(model, pca_projections(model, ids[:512].view(4, 128), "pre_rope"), held_out)
+    proj = train_matryoshka(model, ids, run_config(), tmp_path / "p.safetensors", {}, calib=ids[:512].view(4, 128))
+    assert kl_at_half_budget(model, proj, held_out) < 0.9 * before
 
 
 def test_resume_gives_the_same_steps_as_an_uninterrupted_run(tiny_llama, tmp_path):
@@ -208,14 +189,13 @@ def test_resume_gives_the_same_steps_as_an_uninterrupted_run(tiny_llama, tmp_pat
 
 
 def test_bad_ranks_and_budgets_are_clear_errors(llama):
-    compress(llama, trained_like(llama))
-    r = torch.full((2, 2), 8)
+    proj, r = trained_like(llama), torch.full((2, 2), 8)
     with pytest.raises(KVNestError, match=r"K rank 17 is outside \[1, head_dim=16\]"):
-        set_ranks(llama, r + 9, r)
+        proj.features(r + 9, r)
     with pytest.raises(KVNestError, match=r"V rank 0 is outside"):
-        set_ranks(llama, r, r * 0)
+        proj.features(r, r * 0)
     with pytest.raises(KVNestError, match=r"shape \(3, 2\), the model needs \(2, 2\)"):
-        set_ranks(llama, torch.full((3, 2), 8), r)
+        proj.features(torch.full((3, 2), 8), r)
     for budget in (0, -0.5, 1.5):
         with pytest.raises(KVNestError, match=r"outside \(0, 1\]"):
             uniform_ranks(llama, budget)
@@ -235,7 +215,7 @@ def test_checkpoint_for_another_model_is_refused(tiny_llama, tiny_mistral, tmp_p
 
 
 def test_scripts_end_to_end_on_a_tiny_model(tiny_llama, word_text, tmp_path):
-    """train.py -> search.py -> eval.py --sweep and model.py --projections, as a user runs them."""
+    """train.py -> search.py -> eval.py --sweep and generate.py --projections, as a user runs them."""
     folder, ckpt, ranks = str(tiny_llama[0]), str(tmp_path / "p.safetensors"), str(tmp_path / "ranks.json")
 
     def run(*args):
@@ -257,6 +237,6 @@ def test_scripts_end_to_end_on_a_tiny_model(tiny_llama, word_text, tmp_path):
     result = json.loads(run("eval.py", *common, "--projections", ckpt, "--budget", "0.5", "--windows", "2",
                             "--seq-len", "64", "--json"))
     assert result["cache_ratio"] == 0.5 and result["budget"] == 0.5 and result["kl"] > 0
-    assert "tokens/s" in subprocess.run([sys.executable, "model.py", "--model", folder, "--prompt", "w1 w2",
+    assert "tokens/s" in subprocess.run([sys.executable, "generate.py", "--model", folder, "--prompt", "w1 w2",
                                          "--projections", ckpt, "--ranks", ranks, "--budget", "0.5"], cwd=ROOT,
                                         capture_output=True, text=True).stderr

@@ -9,6 +9,7 @@ import torch
 
 from assets import default_halves, token_windows
 from eval import score
+from model import KVCache
 
 ROOT = Path(__file__).resolve().parents[1]
 STRINGS = ["Numbers 0123456789, 3.14159 and 1e-5; dates 2026-11-23.",
@@ -36,7 +37,7 @@ def test_eval_half_perplexity_is_17_07(default_model):
     model, tok = default_model
     train, ev = default_halves()
     assert (len(tok.encode(train)), len(tok.encode(ev))) == (61785, 51322)  # shared/MEASUREMENTS.md
-    result = score(model, token_windows(tok.encode(ev), 512, 6), compare=False)
+    result = score(model, token_windows(tok.encode(ev), 512, 6))
     assert result["perplexity"] == pytest.approx(17.069, abs=0.01)
 
 
@@ -47,19 +48,16 @@ def test_cached_decode_equals_uncached_on_the_default_model(default_model):
         x = prompt
         for _ in range(20):
             x = torch.cat([x, model(x)[:, -1:].argmax(-1)], dim=1)
-        model.setup_cache(1, 64)
-        try:
-            logits, out = model(prompt, 0), []
-            for i in range(20):
-                out.append(logits[:, -1:].argmax(-1))
-                logits = model(out[-1], prompt.shape[1] + i)
-        finally:
-            model.clear_cache()
+        cache = KVCache(model, 1, 64)
+        logits, out = model(prompt, 0, cache), []
+        for i in range(20):
+            out.append(logits[:, -1:].argmax(-1))
+            logits = model(out[-1], prompt.shape[1] + i, cache)
     assert torch.equal(torch.cat(out, 1), x[:, prompt.shape[1]:])
 
 
 def test_chat_answers_paris():
-    r = subprocess.run([sys.executable, "model.py", "--chat", "--prompt", "What is the capital of France?",
+    r = subprocess.run([sys.executable, "generate.py", "--chat", "--prompt", "What is the capital of France?",
                         "--max-new-tokens", "20"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout

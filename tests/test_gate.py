@@ -1,18 +1,20 @@
 """Attention-Gate and the eviction baselines: exact identities, eager references, real eviction, training, errors."""
+import copy
 import math
 
 import pytest
 import torch
 
 from conftest import run_config
+from errors import KVNestError
 from eval import score_eviction
-from evict import (H2O, CompactCache, Protocol, RandomPolicy, SnapKV, StreamingLLM, evicting, flags_from_scores,
-                   kept_fraction, prefill_and_evict, received_attention, restore_full)
+from evict import (H2O, Protocol, RandomPolicy, SnapKV, StreamingLLM, flags_from_scores, kept_fraction, prefill,
+                   received_attention)
 from gate import Gate, calibrate_gate, joint_flags, load_gate, save_gate
-from model import KVNestError, load_model
+from model import KVCache, ModelError, load_model
 from train import train_gate
 
-POLICIES = [StreamingLLM(), H2O(0.5), SnapKV(), RandomPolicy(), None]  # None: a calibrated gate
+POLICIES = [StreamingLLM(), H2O(), SnapKV(), RandomPolicy(), None]  # None: a calibrated gate
 
 
 def tokens(n, batch=2, seed=0):
@@ -32,16 +34,25 @@ def policy_for(model, policy, context, keep=0.5):
     return gate
 
 
+def evicted_logits(model, x, ctx_len, policy, keep, compact, one_by_one=False, **kw):
+    """Prefill x[:, :ctx_len] with eviction, then the rest (at once, or one token per step): (B, T, V), flags."""
+    cache = KVCache(model, x.shape[0], x.shape[1])
+    ctx_logits, flags = prefill(model, x[:, :ctx_len], cache, policy, keep, compact=compact, **kw)
+    if one_by_one:
+        rest = [model(x[:, i: i + 1], i, cache) for i in range(ctx_len, x.shape[1])]
+    else:
+        rest = [model(x[:, ctx_len:], ctx_len, cache)]
+    return torch.cat([ctx_logits, *rest], 1), flags
+
+
+@pytest.mark.parametrize("compact", [False, True], ids=["soft", "compact"])
 @pytest.mark.parametrize("policy", POLICIES, ids=lambda p: type(p).__name__)
-def test_keep_all_reproduces_the_base_model(llama, policy):
+def test_keep_all_reproduces_the_base_model(llama, policy, compact):
     x = tokens(48)
     with torch.no_grad():
-        base = llama(x)
-        p = policy_for(llama, policy, x[:, :40])
-        ctx_logits, flags = prefill_and_evict(llama, x[:, :40], p, keep=1.0, exact=True)
+        out, flags = evicted_logits(llama, x, 40, policy_for(llama, policy, x[:, :40]), 1.0, compact, exact=True)
         assert kept_fraction(flags) == 1.0
-        out = torch.cat([ctx_logits, llama(x[:, 40:], 40)], 1)
-    assert (out - base).abs().max().item() < 1e-5
+        assert (out - llama(x)).abs().max().item() < 1e-5
 
 
 def eager_masked_logits(model, x, visible):
@@ -82,51 +93,50 @@ def eviction_masks(flags, T, ctx_len, inside_window=None):
 
 
 @pytest.mark.parametrize("policy", POLICIES, ids=lambda p: type(p).__name__)
-def test_eviction_equals_an_eager_reference_and_compact_cache_equals_masked(llama, policy):
+def test_eviction_equals_an_eager_reference_and_compact_cache_equals_soft(llama, policy):
     x = tokens(48)
     with torch.no_grad():
         p = policy_for(llama, policy, x[:, :40], keep=0.3)
-        ctx_logits, flags = prefill_and_evict(llama, x[:, :40], p, keep=0.3)
-        masked = torch.cat([ctx_logits, llama(x[:, 40:], 40)], 1)
+        soft, flags = evicted_logits(llama, x, 40, p, 0.3, compact=False)
         ref = eager_masked_logits(llama, x, eviction_masks(flags, 48, 40))
-        assert (masked - ref).abs().max().item() < 1e-4
-        prefill_and_evict(llama, x[:, :40], p, keep=0.3, compact=True, max_new=8)
-        compact = torch.cat([llama(x[:, i:i + 1], i) for i in range(40, 48)], 1)  # one decode step at a time
-        assert (compact - masked[:, 40:]).abs().max().item() < 1e-4
-    restore_full(llama)
+        assert (soft - ref).abs().max().item() < 1e-4
+        compact, _ = evicted_logits(llama, x, 40, p, 0.3, compact=True, one_by_one=True)
+        assert (compact - soft).abs().max().item() < 1e-4
 
 
 def test_evicted_entries_never_influence_outputs(llama):
-    """Perturb the tokens whose every entry was evicted in the layers after the first: outputs stay the same."""
+    """Perturb the stored entries that were evicted: outputs stay the same; perturb a kept one: they change."""
     x = tokens(48, 1)
     with torch.no_grad():
-        ctx_logits, flags = prefill_and_evict(llama, x[:, :40], StreamingLLM(), keep=0.25)
-        out = llama(x[:, 40:], 40)
-        for attn in evicting(llama):  # perturb the stored context entries where they are evicted
-            gone = ~attn.keep_mask.bool()[..., None]  # (B, H_kv, T_ctx, 1)
-            attn.ctx_k = torch.where(gone, attn.ctx_k + 100 * torch.randn_like(attn.ctx_k), attn.ctx_k)
-            attn.ctx_v = torch.where(gone, torch.randn_like(attn.ctx_v) * 1e3, attn.ctx_v)
-        assert torch.equal(llama(x[:, 40:], 40), out)
-        for attn in evicting(llama):  # while perturbing one kept entry does change them
-            attn.ctx_v[:, :, 0] += 10.0
-        assert not torch.allclose(llama(x[:, 40:], 40), out)
-    restore_full(llama)
+        cache = KVCache(llama, 1, 48)
+        prefill(llama, x[:, :40], cache, StreamingLLM(), keep=0.25, compact=False)
+        out = llama(x[:, 40:], 40, copy.deepcopy(cache))
+        perturbed = copy.deepcopy(cache)
+        for layer in perturbed.layers:
+            for g in layer.groups:
+                gone = ~g.keep.bool()[..., None]  # (B, n, T_ctx, 1)
+                g.k[:, :, :40] = torch.where(gone, g.k[:, :, :40] + 100 * torch.randn_like(g.k[:, :, :40]), g.k[:, :, :40])
+                g.v[:, :, :40] = torch.where(gone, torch.randn_like(g.v[:, :, :40]) * 1e3, g.v[:, :, :40])
+        assert torch.equal(llama(x[:, 40:], 40, perturbed), out)
+        for layer in cache.layers:  # while perturbing one kept entry does change them
+            layer.groups[0].v[:, :, 0] += 10.0
+        assert not torch.allclose(llama(x[:, 40:], 40, cache), out)
 
 
 @pytest.mark.parametrize("keep", [0.75, 0.5, 0.25, 0.125])
 def test_achieved_keep_and_cache_bytes_are_the_ones_reported(llama, keep):
     x = tokens(40, 1)
     with torch.no_grad():
-        _, flags = prefill_and_evict(llama, x, SnapKV(), keep, compact=True)
+        cache = KVCache(llama, 1, 40)
+        _, flags = prefill(llama, x, cache, SnapKV(), keep)
         n = round(40 * keep)
         assert all(int(f.sum()) == n * llama.args.n_kv_heads for f in flags) and kept_fraction(flags) == n / 40
         full_bytes = 2 * 2 * 40 * 16 * 4 * 2  # K and V, 2 KV heads, 40 tokens, D = 16, fp32, 2 layers
-        held = sum(layer.attn.cache.nbytes() for layer in llama.layers)
-        assert held == sum(layer.attn.cache.held_bytes() for layer in llama.layers) == kept_fraction(flags) * full_bytes
+        assert cache.nbytes() == sum(t.nbytes for layer in cache.layers for g in layer.groups for t in (g.k, g.v))
+        assert cache.nbytes() == kept_fraction(flags) * full_bytes
         gate = policy_for(llama, None, x, keep)
-        _, flags = prefill_and_evict(llama, x, gate, keep, exact=True)
+        _, flags = prefill(llama, x, KVCache(llama, 1, 40), gate, keep, exact=True)
         assert kept_fraction(flags) == pytest.approx(keep, abs=1 / (40 * 4))
-    restore_full(llama)
 
 
 @pytest.mark.parametrize("policy", POLICIES, ids=lambda p: type(p).__name__)
@@ -137,55 +147,19 @@ def test_eviction_inside_the_prefill_equals_an_eager_reference(llama, policy):
     with torch.no_grad():
         p = policy_for(llama, policy, x[:, :40], keep=0.3)
         inside = Protocol(inside=True, sinks=2, window=3)
-        ctx_logits, flags = prefill_and_evict(llama, x[:, :40], p, keep=0.3, protocol=inside)
+        out, flags = evicted_logits(llama, x, 40, p, 0.3, compact=False, protocol=inside)
         assert all(bool(f[..., :2].all() and f[..., -3:].all()) for f in flags)
         assert kept_fraction(flags) == pytest.approx(0.3, abs=0.3 if policy is None else 1 / 80)  # gate: z >= 0
-        out = torch.cat([ctx_logits, llama(x[:, 40:], 40)], 1)
         assert (out - eager_masked_logits(llama, x, eviction_masks(flags, 48, 40, inside_window=3))).abs().max() < 1e-4
-        prefill_and_evict(llama, x[:, :40], p, keep=0.3, compact=True, max_new=8, protocol=inside)
-        assert (llama(x[:, 40:], 40) - out[:, 40:]).abs().max() < 1e-4  # the compact cache after it
-        ctx_logits, _ = prefill_and_evict(llama, x[:, :40], p, keep=1.0, exact=True, protocol=inside)
-        keep_all = torch.cat([ctx_logits, llama(x[:, 40:], 40)], 1)
-        restore_full(llama)
+        compact, _ = evicted_logits(llama, x, 40, p, 0.3, compact=True, protocol=inside)
+        assert (compact - out).abs().max() < 1e-4  # the compact cache after it
+        keep_all, _ = evicted_logits(llama, x, 40, p, 1.0, compact=False, exact=True, protocol=inside)
         assert (keep_all - llama(x)).abs().max() < 1e-5
 
 
-def test_gating_new_tokens_evicts_them_after_their_window_and_equals_an_eager_reference(llama):
-    """Decoded tokens stay visible to `window` queries, then leave where the gate says so. Here head 0 keeps every
-    new token and head 1 none (their biases, set after the prefill), and decoding from the compact cache equals the
-    eager model under exactly those masks, while head 1's cache stops growing."""
-    x, window, new = tokens(52), 3, 12
-    gate = policy_for(llama, None, x[:, :40], keep=0.5)
-    with torch.no_grad():
-        gated = Protocol(window=window, gate_new=True)
-        _, flags = prefill_and_evict(llama, x[:, :40], gate, 0.5, exact=True, compact=True, max_new=new,
-                                     protocol=gated)
-        gate.c[:, 0], gate.c[:, 1] = 1e4, -1e4
-        out = llama(x[:, 40:], 40)
-    masks = eviction_masks(flags, 52, 40)
-    i, j = torch.arange(52)[:, None], torch.arange(52)[None, :]
-    for m in masks:
-        m[:, 1, 40:, 40:] &= ((i - j) < window)[40:, 40:]
-    with torch.no_grad():
-        assert (out - eager_masked_logits(llama, x, masks)[:, 40:]).abs().max() < 1e-4
-    for layer, f in zip(llama.layers, flags):
-        cache, held = layer.attn.cache, f.sum(-1)  # (B, H_kv) kept context entries
-        assert (cache.new_tokens.kept, cache.new_tokens.decided) == (2 * (new - window + 1), 4 * (new - window + 1))
-        assert torch.equal(cache.length[0], held[:, 0] + new) and torch.equal(cache.length[1], held[:, 1] + window - 1)
-    restore_full(llama)
-
-
 def test_bad_eviction_protocols_are_clear_errors(llama):
-    x = tokens(40, 1)
-    gate = policy_for(llama, None, x)
-    cases = [(StreamingLLM(), Protocol(window=4, gate_new=True), True, "needs a learned gate"),
-             (gate, Protocol(window=4, gate_new=True), False, "pass compact=True"),
-             (gate, Protocol(gate_new=True), True, "window >= 1"),
-             (gate, Protocol(sinks=-1), False, "must be >= 0")]
-    for policy, protocol, compact, message in cases:
-        with pytest.raises(KVNestError, match=message):
-            prefill_and_evict(llama, x, policy, 0.5, compact=compact, max_new=4, protocol=protocol)
-    restore_full(llama)
+    with pytest.raises(KVNestError, match="must be >= 0"):
+        prefill(llama, tokens(40, 1), KVCache(llama, 1, 40), StreamingLLM(), 0.5, protocol=Protocol(sinks=-1))
 
 
 def test_received_attention_of_a_context_shorter_than_the_observation_window():
@@ -207,15 +181,15 @@ def test_gate_parameters_receive_gradients_through_the_straight_through_estimato
     gate = policy_for(llama, None, x[:, :40])
     with torch.no_grad():  # the reduced attention's feature starts at weight 0: give it one, as training does
         gate.w[..., 5] = 0.5
-    ctx_logits, flags = prefill_and_evict(llama, x[:, :40], gate, 0.5, exact=False, train=True,
-                                          protocol=Protocol(inside=inside))
+    cache = KVCache(llama, 2, 48)
+    ctx_logits, flags = prefill(llama, x[:, :40], cache, gate, 0.5, exact=False, compact=False, train=True,
+                                protocol=Protocol(inside=inside))
     assert all(((f == 0) | (f == 1)).all() for f in flags)  # the forward pass uses hard flags
     assert ctx_logits.requires_grad == inside  # inside the prefill, the context's own outputs depend on the flags
-    llama(x[:, 40:], 40).logsumexp(-1).sum().backward()
+    (llama(x[:, 40:], 40, cache).logsumexp(-1).sum() + ctx_logits.logsumexp(-1).sum()).backward()
     for name, p in gate.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
     assert not any(p.requires_grad for p in llama.parameters())
-    restore_full(llama)
 
 
 def test_straight_through_flags_match_the_threshold():
@@ -269,16 +243,16 @@ def test_bad_sft_files_are_clear_errors(tiny_llama, tmp_path):
                           (["--sft", str(tmp_path / "none.jsonl"), "--method", "gate"], "is not a .jsonl file"),
                           (["--sft", str(short), "--method", "gate"], "every answer at least 2"),
                           (["--sft", str(empty), "--method", "gate"], "holds no prompt/answer pairs"),
-                          (["--sft", str(short)], "--sft trains the gate")]:
+                          (["--sft", str(short)], "--sft does not act with --method matryoshka")]:
         with pytest.raises(KVNestError, match=message):
             main(folder + argv)
 
 
 def test_bad_keep_ratios_and_mismatched_checkpoints_are_clear_errors(tiny_llama, tiny_mistral, llama, tmp_path):
     x = tokens(40, 1)
-    for keep in (0, -0.1, 1.5):
+    for keep in (0, -0.1, 1.5, float("nan")):
         with pytest.raises(KVNestError, match=r"keep ratio .* is outside \(0, 1\]"):
-            prefill_and_evict(llama, x, StreamingLLM(), keep)
+            prefill(llama, x, KVCache(llama, 1, 40), StreamingLLM(), keep)
     gate = Gate(2, 2, 64)
     save_gate(tmp_path / "g.safetensors", gate, {"model": llama.fingerprint()})
     assert torch.equal(load_gate(tmp_path / "g.safetensors", llama)[0].w, gate.w)
@@ -288,55 +262,53 @@ def test_bad_keep_ratios_and_mismatched_checkpoints_are_clear_errors(tiny_llama,
         from compress import pca_projections, save_projections
         save_projections(tmp_path / "p.safetensors", pca_projections(llama, x), {"model": llama.fingerprint()})
         load_gate(tmp_path / "p.safetensors", llama)
+    mistral = load_model(tiny_mistral[0])
     with pytest.raises(KVNestError, match="sliding-window"):
-        evicting(load_model(tiny_mistral[0]))
+        prefill(mistral, x, KVCache(mistral, 1, 40), StreamingLLM(), 0.5)
 
 
-def test_compact_cache_refuses_to_overflow(llama):
-    k = torch.randn(1, 2, 10, 16)
-    cache = CompactCache(k, k, torch.ones(1, 2, 10), max_new=1)
-    q = torch.randn(1, 4, 2, 16)
-    with pytest.raises(KVNestError, match="compact cache is full"):
-        cache.attend(q, torch.randn(1, 2, 2, 16), torch.randn(1, 2, 2, 16))
-
-
-def test_scripts_end_to_end_on_a_tiny_model(tiny_llama, word_text, tmp_path):
-    """train.py --method gate -> eval.py --evict / --evict-sweep, as a user runs them."""
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-    root, folder, ckpt = Path(__file__).resolve().parents[1], str(tiny_llama[0]), str(tmp_path / "g.safetensors")
-
-    def run(*args):
-        r = subprocess.run([sys.executable, *args, "--model", folder, "--data", str(word_text)], cwd=root,
-                           capture_output=True, text=True, timeout=600)
-        assert r.returncode == 0, r.stderr[-2000:]
-        return r.stdout
-
-    run("train.py", "--method", "gate", "--eval-data", str(word_text), "--steps", "3", "--seq-len", "47",
-        "--ctx-len", "32", "--out", ckpt)
-    assert "| 50.0% |" in Path(ckpt).with_suffix(".md").read_text()
-    one = json.loads(run("eval.py", "--evict", "gate", "--gate", ckpt, "--keep", "0.25", "--seq-len", "48",
-                         "--ctx-len", "32", "--json"))
-    assert one["keep"] == 0.25 and one["kl"] > 0
-    table = run("eval.py", "--evict-sweep", "--gate", ckpt, "--seq-len", "48", "--ctx-len", "32", "--windows", "2",
-                "--out-dir", str(tmp_path))
-    assert "| 12.5% |" in table and "gate" in table and (tmp_path / "evict_sweep.png").stat().st_size > 1000
-    bad = subprocess.run([sys.executable, "eval.py", "--model", folder, "--evict", "h2o", "--keep", "1.5"], cwd=root,
-                         capture_output=True, text=True)
-    assert bad.returncode == 2 and bad.stderr.startswith("error: keep ratio 1.5 is outside (0, 1]")
-
-
-def test_passkey_decode_from_a_keep_all_compact_cache_equals_greedy_decode(tiny_llama):
-    import random
-    from assets import Tokenizer
-    from passkey import make_sample, retrieve
-    model, tok = load_model(tiny_llama[0]), Tokenizer(tiny_llama[0])
-    doc, question, key = make_sample(tok, 120, random.Random(0))
-    assert len(doc) + len(question) == 120 and len(key) == 5
-    x = torch.tensor([doc + question])
+def test_a_gate_checkpoint_records_the_fields_its_features_use(llama, tmp_path):
+    """obs, pool and sinks are saved and read back (a changed default changes no trained gate); asking for other
+    values is an error; a checkpoint written before they were recorded loads with the values it was made with."""
+    from safetensors import safe_open
+    from checkpoints import save_checkpoint
+    x = tokens(40, 1)
+    gate = Gate(2, 2, 64, obs=8, pool=3, sinks=2)
+    save_gate(tmp_path / "g.safetensors", gate, {"model": llama.fingerprint()})
+    loaded = load_gate(tmp_path / "g.safetensors", llama, obs=8)[0]
+    assert (loaded.obs, loaded.pool, loaded.sinks) == (8, 3, 2)
     with torch.no_grad():
-        for _ in range(8):
-            x = torch.cat([x, model(x)[:, -1:].argmax(-1)], 1)
-    assert retrieve(model, tok, doc, question, StreamingLLM(), 1.0) == tok.decode(x[0, 120:].tolist())
+        assert torch.equal(loaded.score(0, *x_q_k(llama, x), 0.5), gate.score(0, *x_q_k(llama, x), 0.5))
+        assert not torch.equal(Gate(2, 2, 64).score(0, *x_q_k(llama, x), 0.5), gate.score(0, *x_q_k(llama, x), 0.5))
+    with pytest.raises(KVNestError, match="was trained with obs=8, not obs=32; train a gate with them"):
+        load_gate(tmp_path / "g.safetensors", llama, obs=32)
+    with safe_open(tmp_path / "g.safetensors", "pt") as f:
+        import json
+        meta = json.loads(f.metadata()["kvnest"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    for field in ("obs", "pool", "sinks"):
+        meta.pop(field)
+    save_checkpoint(tmp_path / "old.safetensors", tensors, meta)
+    old = load_gate(tmp_path / "old.safetensors", llama)[0]
+    assert (old.obs, old.pool, old.sinks) == (32, 7, 4)
+    meta["obs"] = -3
+    save_checkpoint(tmp_path / "bad.safetensors", tensors, meta)
+    with pytest.raises(KVNestError, match="gate field obs=-3 is not a valid size"):
+        load_gate(tmp_path / "bad.safetensors", llama)
+
+
+def x_q_k(model, x):
+    """A layer-0 input and its q, k after RoPE, as a policy's score receives them."""
+    h = model.layers[0].input_layernorm(model.embed_tokens(x))
+    q, _, k, _ = model.layers[0].attn.qkv(h, *model.rope(0, x.shape[1], h.dtype))
+    return h, q, k
+
+
+def test_a_compact_cache_refuses_to_overflow(llama):
+    x = tokens(20, 1)
+    cache = KVCache(llama, 1, 21)
+    with torch.no_grad():
+        prefill(llama, x, cache, SnapKV(), 0.5)
+        llama(tokens(1, 1), 20, cache)
+        with pytest.raises(ModelError, match="exceeds the cache of 21"):
+            llama(tokens(1, 1), 21, cache)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import save_tiny
-from model import KVNestError, ModelArgs, generate, load_model
+from model import KVCache, ModelArgs, ModelError, generate, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,10 +49,8 @@ def greedy_uncached(model, prompt, n):
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_mistral"])
 def test_cached_greedy_decode_equals_uncached(fixture, batch, request):
     model = load_model(request.getfixturevalue(fixture)[0])
-    prompt = tokens(7, batch)
-    model.setup_cache(batch, 40)
-    cached = torch.stack(list(generate(model, prompt, 24)), dim=1)
-    model.clear_cache()
+    prompt, cache = tokens(7, batch), KVCache(model, batch, 40)
+    cached = torch.stack(list(generate(lambda t, p: model(t, p, cache), prompt, 24)), dim=1)
     assert torch.equal(cached, greedy_uncached(model, prompt, 24))
 
 
@@ -60,9 +58,8 @@ def test_cached_logits_equal_uncached(tiny_mistral):
     model = load_model(tiny_mistral[0])
     x = tokens(30)
     with torch.no_grad():
-        full = model(x)
-        model.setup_cache(2, 30)
-        steps = [model(x[:, :10], 0)] + [model(x[:, i:i + 1], i) for i in range(10, 30)]
+        full, cache = model(x), KVCache(model, 2, 30)
+        steps = [model(x[:, :10], 0, cache)] + [model(x[:, i:i + 1], i, cache) for i in range(10, 30)]
     assert (torch.cat(steps, 1) - full).abs().max().item() <= 1e-5
 
 
@@ -84,13 +81,13 @@ def test_sharded_checkpoint_with_index(tmp_path):
 
 
 def test_missing_folder_is_a_clear_error(tmp_path):
-    with pytest.raises(KVNestError, match="does not exist"):
+    with pytest.raises(ModelError, match="does not exist"):
         load_model(tmp_path / "nope")
 
 
 def test_folder_without_weights_is_a_clear_error(tmp_path, tiny_llama):
     shutil.copy(tiny_llama[0] / "config.json", tmp_path)
-    with pytest.raises(KVNestError, match="no \\*.safetensors weights"):
+    with pytest.raises(ModelError, match="no \\*.safetensors weights"):
         load_model(tmp_path)
 
 
@@ -98,28 +95,29 @@ def test_truncated_safetensors_is_a_clear_error(tmp_path, tiny_llama):
     shutil.copy(tiny_llama[0] / "config.json", tmp_path)
     data = (tiny_llama[0] / "model.safetensors").read_bytes()
     (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(KVNestError, match="damaged or truncated"):
+    with pytest.raises(ModelError, match="damaged or truncated"):
         load_model(tmp_path)
 
 
 def test_unsupported_architecture_and_fields_are_clear_errors():
     base = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 96,
             "vocab_size": 128}
-    with pytest.raises(KVNestError, match="unsupported architecture 'GPT2LMHeadModel'"):
+    with pytest.raises(ModelError, match="unsupported architecture 'GPT2LMHeadModel'"):
         ModelArgs.from_hf_config(dict(base, model_type="gpt2", architectures=["GPT2LMHeadModel"]))
-    with pytest.raises(KVNestError, match="attention_bias"):
+    with pytest.raises(ModelError, match="attention_bias"):
         ModelArgs.from_hf_config(dict(base, model_type="llama", attention_bias=True))
-    with pytest.raises(KVNestError, match="config.json lacks vocab_size"):
+    with pytest.raises(ModelError, match="config.json lacks vocab_size"):
         ModelArgs.from_hf_config({k: v for k, v in base.items() if k != "vocab_size"} | {"model_type": "llama"})
-    with pytest.raises(KVNestError, match="rope scaling 'yarn'"):
+    with pytest.raises(ModelError, match="rope scaling 'yarn'"):
         ModelArgs.from_hf_config(dict(base, model_type="llama", rope_scaling={"rope_type": "yarn", "factor": 2}))
 
 
 def test_sequence_longer_than_cache_is_a_clear_error(tiny_llama):
     model = load_model(tiny_llama[0])
-    model.setup_cache(1, 8)
-    with pytest.raises(KVNestError, match="exceeds the cache of 8"):
-        model(tokens(9, 1), 0)
+    with pytest.raises(ModelError, match="exceeds the cache of 8"):
+        model(tokens(9, 1), 0, KVCache(model, 1, 8))
+    with pytest.raises(ModelError, match="257 tokens exceed the model's context of 256"):
+        model(tokens(257, 1))
 
 
 def run_script(*args, env_extra=None):
@@ -128,14 +126,14 @@ def run_script(*args, env_extra=None):
 
 def test_cli_prompt_longer_than_cache_is_one_line(tiny_llama, tmp_path):
     folder = tiny_llama[0]
-    r = run_script("model.py", "--model", str(folder), "--prompt", "w1 w2 w3 w4 w5", "--max-len", "4")
+    r = run_script("generate.py", "--model", str(folder), "--prompt", "w1 w2 w3 w4 w5", "--max-len", "4")
     assert r.returncode == 2
     assert r.stderr.strip() == ("error: prompt of 5 tokens plus 100 new does not fit a cache of 4; raise --max-len "
                                 "or shorten the prompt")
-    ok = run_script("model.py", "--model", str(folder), "--prompt", "w1 w2 w3", "--max-new-tokens", "5")
+    ok = run_script("generate.py", "--model", str(folder), "--prompt", "w1 w2 w3", "--max-new-tokens", "5")
     assert ok.returncode == 0 and "tokens/s" in ok.stderr
 
 
 def test_cli_missing_model_folder_is_one_line(tmp_path):
-    r = run_script("model.py", "--model", str(tmp_path / "none"), "--prompt", "hi")
+    r = run_script("generate.py", "--model", str(tmp_path / "none"), "--prompt", "hi")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "does not exist" in r.stderr

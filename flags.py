@@ -1,0 +1,68 @@
+"""The flags the scripts share: which model (--model, --dtype, --device) and which compressed cache (--projections,
+--budget, --ranks for the feature axis; --evict, --gate, --keep for the token axis). Each is read in one place, and
+a flag that would have no effect in a combination is an error, never silently ignored."""
+import torch
+
+from assets import Tokenizer, default_model_folder
+from errors import KVNestError, ratio
+from evict import BASELINES, baseline
+from model import load_model
+
+METHODS = (*BASELINES, "gate")
+
+
+def add_model_flags(parser) -> None:
+    parser.add_argument("--model", help="Hugging Face model folder (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def model_from_flags(args) -> tuple:
+    """(model, tokenizer, folder) named by --model (or the default model), in --dtype on --device."""
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise KVNestError(f"--device {args.device}: this machine has no CUDA GPU; pass --device cpu")
+    folder = args.model or default_model_folder()
+    return load_model(folder, getattr(torch, args.dtype), args.device), Tokenizer(folder), str(folder)
+
+
+def add_compression_flags(p, sweep: bool = False) -> None:
+    """--projections/--budget/--ranks and --evict/--gate/--keep; with sweep, --evict-sweep too (every method)."""
+    p.add_argument("--projections", help="MatryoshkaKV checkpoint (train.py) for compressed features")
+    p.add_argument("--budget", type=ratio, help="MatryoshkaKV budget in (0, 1], with --projections")
+    p.add_argument("--ranks", help="per-head ranks JSON from search.py, with --projections and --budget")
+    p.add_argument("--evict", choices=METHODS, help="evict the context's cache after (or inside) the prefill")
+    p.add_argument("--gate", help="gate checkpoint from `python train.py --method gate`, with --evict gate")
+    p.add_argument("--keep", type=ratio, help="kept fraction of the context's cache with --evict (default 0.5)")
+    if sweep:
+        p.add_argument("--evict-sweep", action="store_true", help="every eviction method (and --gate) at keep "
+                       "75/50/25/12.5%%")
+
+
+def compression_from_flags(model, args) -> tuple:
+    """(features, policy, keep, exact) that the flags of add_compression_flags ask for. A gate is held to the exact
+    keep ratio over all layers and heads, as eval.py scores it; with --evict-sweep the policy is the gate (if any)."""
+    sweep = getattr(args, "evict_sweep", False)
+    if args.evict is None and not sweep and (args.keep is not None or args.gate):
+        raise KVNestError("--keep and --gate act with --evict; pass --evict too")
+    if sweep and (args.evict or args.keep is not None):
+        raise KVNestError("--evict-sweep scores every method at every keep ratio; drop --evict and --keep")
+    if args.gate and args.evict not in ("gate", None):
+        raise KVNestError(f"--gate is the policy of --evict gate, not of --evict {args.evict}; drop one of them")
+    features = features_from_args(model, args)
+    keep = 0.5 if args.keep is None else args.keep
+    if args.evict not in ("gate", None):
+        return features, baseline(args.evict), keep, None
+    if args.evict == "gate" and args.gate is None:
+        raise KVNestError("--evict gate needs --gate, a checkpoint from `python train.py --method gate`")
+    if args.gate is None:
+        return features, None, 1.0, None
+    from gate import load_gate
+    return features, load_gate(args.gate, model)[0], keep, True
+
+
+def features_from_args(model, args):
+    """The Matryoshka features of --projections with --budget or --ranks (None without --projections)."""
+    from compress import features_from_flags
+    if args.projections is None and (args.budget is not None or args.ranks):
+        raise KVNestError("--budget and --ranks choose ranks for --projections; pass --projections too")
+    return features_from_flags(model, args.projections, args.budget, args.ranks) if args.projections else None

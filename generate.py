@@ -1,0 +1,66 @@
+"""Generate text with a LLaMA/Mistral model, its KV cache optionally compressed along either axis or both.
+
+    python generate.py --chat --prompt "What is the capital of France?" --max-new-tokens 20
+    python generate.py --prompt "..." --projections runs/matryoshka.safetensors --budget 0.5   # MatryoshkaKV
+    python generate.py --prompt "..." --evict gate --gate runs/gate.safetensors --keep 0.5   # evict the prompt
+    python generate.py --prompt "..." --compile      # kernels.py's compiled step (default on CUDA)
+
+Text streams as it is decoded; the tokens/s and the cache's size follow on stderr.
+"""
+import sys
+import time
+
+import torch
+
+from assets import chatml
+from errors import KVNestError, Parser, count, number, run_cli, size
+from flags import add_compression_flags, add_model_flags, compression_from_flags, model_from_flags
+from kernels import Decoder
+from model import generate
+
+
+def main(argv=None) -> None:
+    p = Parser(description="Generate text with a LLaMA/Mistral model (optionally compressed KV).")
+    add_model_flags(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the default model's ChatML template")
+    p.add_argument("--max-new-tokens", type=count, default=100)
+    p.add_argument("--temperature", type=number, default=0.0, help="0: greedy; above 0: sampled")
+    p.add_argument("--max-len", type=size, default=None, help="cache length (default: prompt + new tokens)")
+    add_compression_flags(p)
+    p.add_argument("--compile", action="store_true", default=None, help="decode with kernels.py's compiled step "
+                   "(default: on CUDA)")
+    p.add_argument("--no-compile", dest="compile", action="store_false", help="decode eagerly")
+    args = p.parse_args(argv)
+    if args.temperature < 0:
+        raise KVNestError(f"--temperature {args.temperature} is below 0; pass 0 (greedy) or more")
+    torch.manual_seed(0)
+    model, tok, _ = model_from_flags(args)
+    features, policy, keep, exact = compression_from_flags(model, args)
+    ids = tok.encode(chatml(args.prompt) if args.chat else args.prompt)
+    if not ids:
+        raise KVNestError("the prompt is empty once tokenized; pass some text")
+    max_len = args.max_len or len(ids) + args.max_new_tokens
+    if len(ids) >= max_len or max_len > model.args.max_seq_len:
+        raise KVNestError(f"prompt of {len(ids)} tokens plus {args.max_new_tokens} new does not fit a cache of "
+                          f"{min(max_len, model.args.max_seq_len)}; raise --max-len or shorten the prompt")
+    compiled = args.device.startswith("cuda") if args.compile is None else args.compile
+    runner = Decoder(model, max_len - len(ids), features, policy, keep, exact, compile=compiled)
+    stop = set(model.args.eos_ids) | {tok.token_id("<|im_end|>")} - {None}
+    out, shown, t0 = [], "", time.perf_counter()
+    for nxt in generate(runner, torch.tensor([ids], device=args.device), args.max_new_tokens, args.temperature, stop):
+        if int(nxt[0]) in stop:
+            break
+        out.append(int(nxt[0]))
+        text = tok.decode(out)
+        if not text.endswith("\ufffd"):  # a character spread over several tokens: wait for its last byte
+            print(text[len(shown):], end="", flush=True)
+            shown = text
+    print(tok.decode(out)[len(shown):], end="")
+    dt = time.perf_counter() - t0
+    print(f"\n[{len(out)} tokens in {dt:.2f}s: {len(out) / dt:.1f} tokens/s, KV cache "
+          f"{runner.nbytes() / 2**20:.2f} MiB]", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    run_cli(main)
