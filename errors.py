@@ -1,8 +1,8 @@
 """kvnest's error type and the one-line-error CLI that every script runs under.
 
 A user error (a missing file, a ratio outside (0, 1], a checkpoint for another model) is a `KVNestError` whose
-message names the problem and the fix; model.py raises its own `ModelError` (it imports nothing of kvnest, so it can
-be copied alone). Scripts print either as one line, `error: ...`, and exit with status 2; so do bad flags, through
+message names the problem and the fix; model.py raises its own `ModelError` (a sequence longer than its cache: it
+imports nothing of kvnest, so that it can be copied alone). Scripts print either as one line, `error: ...`, and exit with status 2; so do bad flags, through
 `Parser`, whose argument types below check a value once for every script that uses them.
 """
 import argparse
@@ -67,6 +67,14 @@ def positive(text: str) -> float:
     value = number(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{text} must be > 0")
+    return value
+
+
+def nonnegative(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    value = number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} must be >= 0")
     return value
 
 

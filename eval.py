@@ -18,6 +18,7 @@ full cache. With --projections too, the cache is compressed as well (both axes a
 
     python eval.py --evict h2o --keep 0.25
     python eval.py --evict gate --gate runs/gate.safetensors --keep 0.5 --protocol inside
+    python eval.py --evict gate --gate runs/gate.safetensors --keep 0.5 --gate-new --window 32
     python eval.py --evict-sweep --gate runs/gate.safetensors
     python eval.py --evict snapkv --keep 0.5 --projections runs/matryoshka.safetensors --budget 0.5   # both axes
 """
@@ -125,23 +126,29 @@ def plot_curves(curves: dict, xlabel: str, ylabel: str, title: str, path: Path, 
 
 
 def score_eviction(model: Transformer, windows: torch.Tensor, policy, keep: float, ctx_len: int = 384,
-                   exact: bool | None = None, protocol=None, features=None, compact: bool = False) -> dict:
+                   exact: bool | None = None, protocol=None, features=None, compact: bool = False,
+                   gate_new: bool = False) -> dict:
     """One eviction method at one keep ratio; see score_evictions."""
-    return score_evictions(model, windows, [(policy, keep, exact)], ctx_len, protocol, features, compact)[0][0]
+    return score_evictions(model, windows, [(policy, keep, exact)], ctx_len, protocol, features, compact,
+                           gate_new=gate_new)[0][0]
 
 
 @torch.no_grad()
 def score_evictions(model: Transformer, windows: torch.Tensor, runs: list, ctx_len: int = 384, protocol=None,
-                    features=None, compact: bool = False, desc: str | None = None) -> tuple[list, float]:
+                    features=None, compact: bool = False, desc: str | None = None,
+                    gate_new: bool = False) -> tuple[list, float]:
     """Each window (N, T) is a context of ctx_len tokens and a continuation. For each run (policy, keep, exact),
     the context is prefilled into a cache (compressed by `features`, if given) and evicted; the continuation's
     T - ctx_len predictions (logits at positions ctx_len - 1 ... T - 2) are scored: perplexity, KL(full ||
     method), top-1 agreement, and the achieved kept fraction of the context entries. compact: the cache holds only
-    the kept entries (else its slots are weighed by the flags: the same numbers, tested). The full cache's
+    the kept entries (else its slots are weighed by the flags: the same numbers, tested). gate_new: the gate also
+    judges every decoded token after protocol.window queries (gate.judging), the continuation is fed one token at a
+    time from the compact cache, and the kept fraction of the judged tokens is reported. The full cache's
     reference runs once per window for all runs. Returns ([result per run], the full cache's perplexity there)."""
     from evict import Protocol, kept_fraction, prefill
+    from gate import judging
     protocol = protocol or Protocol()
-    tallies, kept = [Tally() for _ in runs], [0.0] * len(runs)
+    tallies, kept, new = [Tally() for _ in runs], [0.0] * len(runs), [[0, 0] for _ in runs]
     full_nll, n = 0.0, 0
     for w in tqdm(windows, desc=desc, leave=False, disable=desc is None):
         w = w[None].to(model.inv_freq.device)
@@ -149,12 +156,23 @@ def score_evictions(model: Transformer, windows: torch.Tensor, runs: list, ctx_l
         full_nll += F.cross_entropy(ref, w[0, ctx_len:], reduction="sum").item()
         for i, ((policy, keep, exact), tally) in enumerate(zip(runs, tallies)):
             cache = KVCache(model, 1, w.shape[1] - 1, features)
-            ctx_logits, flags = prefill(model, w[:, :ctx_len], cache, policy, keep, protocol, exact, compact)
-            logits = torch.cat([ctx_logits[0, -1:], model(w[:, ctx_len:-1], ctx_len, cache)[0]]).float()
+            ctx_logits, flags = prefill(model, w[:, :ctx_len], cache, policy, keep, protocol, exact,
+                                        compact or gate_new)
+            if gate_new:
+                logits = [ctx_logits[0, -1:]]
+                with judging(model, cache, policy, protocol.window) as judges:
+                    logits += [model(w[:, t: t + 1], t, cache)[0] for t in range(ctx_len, w.shape[1] - 1)]
+                logits = torch.cat(logits).float()
+                new[i] = [new[i][0] + sum(j.kept for j in judges), new[i][1] + sum(j.decided for j in judges)]
+            else:
+                logits = torch.cat([ctx_logits[0, -1:], model(w[:, ctx_len:-1], ctx_len, cache)[0]]).float()
             tally.add(ref, logits, w[0, ctx_len:])
             kept[i] += kept_fraction(flags)
         n += len(ref)
     results = [dict(t.result(), keep=k / len(windows)) for t, k in zip(tallies, kept)]
+    if gate_new:
+        for r, (n_kept, n_decided) in zip(results, new):
+            r["new_tokens_keep"] = n_kept / max(n_decided, 1)
     return results, math.exp(full_nll / n)
 
 
@@ -187,14 +205,15 @@ def eviction_table(model: Transformer, windows: torch.Tensor, gates: dict, keeps
     return "\n".join(lines) + note, results
 
 
-def eviction_main(args, model, tok, features, policy, keep, exact) -> None:
+def eviction_main(args, model, tok, features, policy, keep) -> None:
     """--evict METHOD / --evict-sweep: continuation perplexity and KL after evicting the context's cache."""
     from evict import Protocol
     protocol = Protocol(args.protocol == "inside", args.sinks, args.window)
     if args.seq_len <= args.ctx_len + 1:
         raise KVNestError(f"--ctx-len {args.ctx_len} leaves no continuation in --seq-len {args.seq_len}; lower it")
-    if args.gate_threshold and args.evict != "gate":
-        raise KVNestError("--gate-threshold is the gate's own rule; pass --evict gate")
+    if (args.gate_threshold or args.gate_new) and args.evict != "gate":
+        raise KVNestError(f"--{'gate-threshold' if args.gate_threshold else 'gate-new'} acts with the gate; pass "
+                          f"--evict gate")
     windows = eval_windows(tok, args.data, args.windows or 8, args.seq_len)
     if args.evict_sweep:
         table, results = eviction_table(model, windows, {"gate": policy} if policy else {}, list(EVICT_KEEPS),
@@ -209,7 +228,7 @@ def eviction_main(args, model, tok, features, policy, keep, exact) -> None:
         print(table)
         return
     result = score_eviction(model, windows, policy, keep, args.ctx_len, None if args.gate_threshold else True,
-                            protocol, features)
+                            protocol, features, gate_new=args.gate_new)
     result = dict(method=args.evict, protocol=args.protocol, requested_keep=keep, **result)
     if features is not None:
         result["budget"] = features.budget()
@@ -241,10 +260,11 @@ def main(argv=None):
                    help="evict after a full-attention prefill (kvpress) or inside it (Attention-Gate)")
     p.add_argument("--sinks", type=size, default=0, help="first context entries always kept")
     p.add_argument("--window", type=size, default=0, help="last context entries always kept (inside the prefill: "
-                   "each query's recent window)")
+                   "each query's recent window; with --gate-new: how many queries see a new token before it is judged)")
+    p.add_argument("--gate-new", action="store_true", help="gate decoded tokens too (needs --evict gate, --window)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     args = p.parse_args(argv)
-    eviction_flags = [f for f in ("gate_threshold", "protocol", "sinks", "window", "ctx_len")
+    eviction_flags = [f for f in ("gate_threshold", "gate_new", "protocol", "sinks", "window", "ctx_len")
                       if getattr(args, f) != p.get_default(f)]
     if eviction_flags and not (args.evict or args.evict_sweep):
         raise KVNestError(f"--{eviction_flags[0].replace('_', '-')} acts with --evict or --evict-sweep; pass one")
@@ -256,9 +276,9 @@ def main(argv=None):
         windows = eval_windows(tok, args.data, args.windows or 6, args.seq_len)
         print(matryoshka_sweep(model, windows, args.projections, args.ranks, Path(args.out_dir)))
         return
-    features, policy, keep, exact = compression_from_flags(model, args)
+    features, policy, keep, _ = compression_from_flags(model, args)
     if args.evict or args.evict_sweep:
-        return eviction_main(args, model, tok, features, policy, keep, exact)
+        return eviction_main(args, model, tok, features, policy, keep)
     windows = eval_windows(tok, args.data, args.windows or 6, args.seq_len)
     result = {"model": folder, "windows": len(windows), "seq_len": args.seq_len}
     if features is not None:

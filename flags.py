@@ -6,7 +6,7 @@ import torch
 from assets import Tokenizer, default_model_folder
 from errors import KVNestError, ratio
 from evict import BASELINES, baseline
-from model import load_model
+from weights import load_model
 
 METHODS = (*BASELINES, "gate")
 

@@ -13,11 +13,16 @@ whose received attention is a further feature. Each (layer, KV head) mixes these
 heads and layers get different budgets. It starts as a fixed H2O+SnapKV-like mixture whose biases are calibrated to
 the target keep; a gate trained from scratch on a token's own state learns little (see shared/MEASUREMENTS.md).
 
+Beyond the paper, decoded tokens can be gated too (`judging`, eval.py --gate-new): each stays visible for `window`
+queries (DMS's delayed eviction), then the gate judges it from the attention it received meanwhile, with the
+features a context token has at that distance from the end, and evicts it from the compact cache or keeps it.
+
 The gate is a policy like evict.py's baselines. Its features depend on `obs`, `pool` and `sinks`: they are fields of
 the gate, written into its checkpoint and read back from it, so a changed default never changes what a trained gate
 sees; asking `load_gate` for other values than a checkpoint records is a one-line error.
 """
 import math
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -26,7 +31,7 @@ import torch.nn.functional as F
 from checkpoints import load_checkpoint, save_checkpoint
 from errors import KVNestError
 from evict import Policy, check_keep, context_scores, flags_from_scores, received_attention
-from model import Transformer
+from model import KVCache, Transformer
 
 N_FEATURES = 6  # snap, snap pooled, mean received (H2O), log distance to end, sink, own reduced attention
 
@@ -87,6 +92,92 @@ class Gate(nn.Module, Policy):
     def score(self, layer, x, q, k, keep):
         f = self.features(layer, x.float(), q.detach(), k.detach())  # (B, H_kv, T, F)
         return self.logits(layer, f, self.content(layer, x))
+
+    def new_token_logits(self, layer, received, own, content, seen: int) -> torch.Tensor:
+        """Keep logits (B, H_kv) of decoded tokens that `seen` queries have attended to: received (B, H_kv)
+        attention summed over those queries and the group's heads, own (B,) in the gate's reduced attention among
+        the pending tokens. The prefill features of a context token at distance `seen` from the end, with the
+        snap window and the pooling cut to what was seen."""
+        log = lambda t: torch.log(t + 1e-6)  # noqa: E731
+        dist = torch.full_like(received, math.log(seen))
+        f = torch.stack([log(received), log(received), log(received / seen), dist, torch.zeros_like(received),
+                         log(own)[:, None].expand_as(received)], -1)  # (B, H_kv, F)
+        return self.logits(layer, f[:, :, None], content[:, :, None])[..., 0]
+
+
+class NewTokenGate:
+    """Gating of decoded tokens for one layer: each new token stays visible while `window` queries (itself
+    included) attend to it, accumulating the attention it receives; then the gate's logit decides."""
+
+    def __init__(self, gate: Gate, layer: int, window: int):
+        self.gate, self.layer, self.window = gate, layer, window
+        self.received = self.own = self.content = self.gk = None  # (B, H_kv, P), (B, P), (B, H_kv, P), (B, h_g, P, d_g)
+        self.kept = self.decided = 0
+
+    @property
+    def pending(self) -> int:
+        return 0 if self.own is None else self.own.shape[1]
+
+    def observe(self, x: torch.Tensor, received: torch.Tensor) -> torch.Tensor | None:
+        """A new token x (B, 1, dim) has been written and attended: received (B, H_kv, P) is the attention its query
+        gave to the pending tokens (itself last). Returns keep flags (B, H_kv) of the oldest, once it is due."""
+        g, B = self.gate, x.shape[0]
+        heads = lambda t: t.view(B, -1, g.gate_heads, g.gate_dim).transpose(1, 2)  # noqa: E731  (B, h_g, ., d_g)
+        gq, new_k = heads(x.float() @ g.wq[self.layer].T), heads(x.float() @ g.wk[self.layer].T)
+        gk = new_k if self.gk is None else torch.cat([self.gk, new_k], 2)  # (B, h_g, P, d_g)
+        own = ((gq @ gk.transpose(-1, -2)) / math.sqrt(g.gate_dim)).softmax(-1).sum(1)[:, 0]  # (B, P)
+        pad = lambda t, new: new if t is None else torch.cat([t, new], -1)  # noqa: E731
+        self.own = pad(self.own, own.new_zeros(own.shape[0], 1)) + own
+        self.content = pad(self.content, g.content(self.layer, x))
+        self.received = pad(self.received, received.new_zeros(*received.shape[:2], 1)) + received
+        self.gk = gk
+        if self.pending < self.window:
+            return None
+        keep = g.new_token_logits(self.layer, self.received[..., 0], self.own[:, 0], self.content[..., 0],
+                                  self.window) >= 0  # (B, H_kv)
+        self.received, self.own, self.content, self.gk = (self.received[..., 1:], self.own[:, 1:],
+                                                          self.content[..., 1:], self.gk[:, :, 1:])
+        self.kept, self.decided = self.kept + int(keep.sum()), self.decided + keep.numel()
+        return keep
+
+    def __call__(self, attn, args, output) -> None:
+        """Forward hook of the layer's attention, after a decode step: judge, and drop what the gate evicts."""
+        x, layer_cache = args[0], args[4]
+        P = self.pending + 1  # the pending tokens, the new one last
+        received = x.new_zeros(x.shape[0], attn.n_kv_heads, P, dtype=torch.float32)
+        for g in layer_cache.groups:
+            slots = g.length[..., None] - P + torch.arange(P, device=x.device)  # (B, n, P)
+            received[:, g.heads] = g.probs.sum((2, 3)).gather(2, slots)  # over the group's query heads
+        keep = self.observe(x, received)
+        if keep is not None:
+            for g in layer_cache.groups:
+                g.drop(g.length - self.window, ~keep[:, g.heads])
+
+
+@contextmanager
+def judging(model: Transformer, cache: KVCache, gate: Gate, window: int):
+    """Inside, every decode step (one token at a time) on a compact `cache` has the gate judge its new entries after
+    `window` queries; yields the per-layer NewTokenGates (their kept/decided counts)."""
+    if window < 1:
+        raise KVNestError("gating new tokens needs a window >= 1 (how many queries see a token before it is "
+                          "judged); pass --window, e.g. 32")
+    if not isinstance(gate, Gate):
+        raise KVNestError("gating new tokens needs a learned gate (--evict gate --gate CKPT)")
+    groups = [g for layer in cache.layers for g in layer.groups]
+    if any(g.keep is not None for g in groups):
+        raise KVNestError("gating new tokens evicts from a compact cache: prefill with compact=True")
+    judges = [NewTokenGate(gate, i, window) for i in range(len(model.layers))]
+    handles = [layer.attn.register_forward_hook(j) for layer, j in zip(model.layers, judges)]
+    for g in groups:
+        g.observe = True
+    try:
+        with torch.no_grad():
+            yield judges
+    finally:
+        for h in handles:
+            h.remove()
+        for g in groups:
+            g.observe, g.probs = False, None
 
 
 @torch.no_grad()

@@ -13,7 +13,7 @@ import time
 import torch
 
 from assets import chatml
-from errors import KVNestError, Parser, count, number, run_cli, size
+from errors import KVNestError, Parser, count, number, run_cli
 from flags import add_compression_flags, add_model_flags, compression_from_flags, model_from_flags
 from kernels import Decoder
 from model import generate
@@ -26,7 +26,7 @@ def main(argv=None) -> None:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the default model's ChatML template")
     p.add_argument("--max-new-tokens", type=count, default=100)
     p.add_argument("--temperature", type=number, default=0.0, help="0: greedy; above 0: sampled")
-    p.add_argument("--max-len", type=size, default=None, help="cache length (default: prompt + new tokens)")
+    p.add_argument("--max-len", type=count, default=None, help="cache length (default: prompt + new tokens)")
     add_compression_flags(p)
     p.add_argument("--compile", action="store_true", default=None, help="decode with kernels.py's compiled step "
                    "(default: on CUDA)")
@@ -40,12 +40,15 @@ def main(argv=None) -> None:
     ids = tok.encode(chatml(args.prompt) if args.chat else args.prompt)
     if not ids:
         raise KVNestError("the prompt is empty once tokenized; pass some text")
-    max_len = args.max_len or len(ids) + args.max_new_tokens
+    max_len = len(ids) + args.max_new_tokens if args.max_len is None else args.max_len
     if len(ids) >= max_len or max_len > model.args.max_seq_len:
         raise KVNestError(f"prompt of {len(ids)} tokens plus {args.max_new_tokens} new does not fit a cache of "
                           f"{min(max_len, model.args.max_seq_len)}; raise --max-len or shorten the prompt")
     compiled = args.device.startswith("cuda") if args.compile is None else args.compile
     runner = Decoder(model, max_len - len(ids), features, policy, keep, exact, compile=compiled)
+    if compiled:
+        print("kvnest: compiling the decoder block for the decode step (once per layer structure; cached on disk)",
+              file=sys.stderr)
     stop = set(model.args.eos_ids) | {tok.token_id("<|im_end|>")} - {None}
     out, shown, t0 = [], "", time.perf_counter()
     for nxt in generate(runner, torch.tensor([ids], device=args.device), args.max_new_tokens, args.temperature, stop):

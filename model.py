@@ -1,4 +1,5 @@
-"""A LLaMA / Mistral decoder in one file: config, weights, and the one KV cache every path of kvnest uses.
+"""A LLaMA / Mistral decoder in one file, with the one KV cache every path of kvnest uses. Imports only torch;
+weights.py loads a Hugging Face folder into it.
 
 The model is the standard pre-norm decoder (Touvron et al., 2023, "LLaMA"):
 
@@ -8,7 +9,7 @@ The model is the standard pre-norm decoder (Touvron et al., 2023, "LLaMA"):
 Every norm is RMSNorm, and each of the H_kv key/value heads is shared by a group of G = n_heads / n_kv_heads query
 heads. Mistral adds a sliding window: a query at position i sees keys j with i - window < j <= i.
 
-Attention, written once (`attend`), reads a static preallocated cache (`KVCache`): per layer, the KV heads are in
+Attention, written once (`attention`), reads a static preallocated cache (`KVCache`): per layer, the KV heads are in
 groups (`HeadGroup`), each one buffer of B x n heads x S slots. What the two compression axes change is only what
 a group stores and which of its slots a query may read:
   * features: a group may store its entries in a basis, k_c = U_k^T k and v_c = U_v^T (v - b), with r <= D columns
@@ -18,10 +19,8 @@ a group stores and which of its slots a query may read:
 The same `Transformer.forward(tokens, pos, cache)` runs a prefill (T tokens), a decode step (T = 1, eagerly or
 compiled, kernels.py) or, with no cache, the plain forward from position 0.
 """
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -29,10 +28,7 @@ import torch.nn.functional as F
 
 
 class ModelError(ValueError):
-    """A model folder, config or cache used wrongly: a one-line message that names the problem and the fix."""
-
-
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}  # model_type -> architecture
+    """A sequence that does not fit the cache or the model: a one-line message that names the problem and the fix."""
 
 
 @dataclass
@@ -52,44 +48,6 @@ class ModelArgs:
     sliding_window: int | None = None
     bos_id: int | None = 1
     eos_ids: tuple = (2,)
-
-    @classmethod
-    def from_hf_config(cls, cfg: dict) -> "ModelArgs":
-        """Read a Hugging Face config.json dict; refuse what this file does not implement, by name."""
-        model_type = cfg.get("model_type")
-        arch = (cfg.get("architectures") or [ARCHITECTURES.get(model_type, str(model_type))])[0]
-        if model_type not in ARCHITECTURES or arch not in ARCHITECTURES.values():
-            raise ModelError(f"unsupported architecture {arch!r} (model_type {model_type!r}); kvnest supports "
-                             f"{', '.join(ARCHITECTURES.values())}")
-        missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                               "vocab_size") if k not in cfg]
-        if missing:
-            raise ModelError(f"config.json lacks {', '.join(missing)}; is it a complete Hugging Face config?")
-        for key, ok in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False),
-                        ("pretraining_tp", 1)):
-            if cfg.get(key, ok) != ok:
-                raise ModelError(f"unsupported config field {key}={cfg[key]!r}; kvnest supports only {key}={ok!r}")
-        rope = dict(cfg.get("rope_parameters") or {})  # transformers >= 5 keeps theta and scaling here
-        scaling = cfg.get("rope_scaling") or ({k: v for k, v in rope.items() if k != "rope_theta"} or None)
-        if scaling is not None:
-            kind = scaling.get("rope_type", scaling.get("type"))
-            if kind == "default":
-                scaling = None
-            elif kind not in ("llama3", "linear"):
-                raise ModelError(f"unsupported rope scaling {kind!r}; kvnest supports 'llama3' and 'linear'")
-            else:
-                scaling = dict(scaling, rope_type=kind)
-        eos = cfg.get("eos_token_id", 2)
-        n_heads = cfg["num_attention_heads"]
-        window = cfg.get("sliding_window") if model_type == "mistral" else None
-        return cls(dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=n_heads,
-                   n_kv_heads=cfg.get("num_key_value_heads", n_heads),
-                   head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
-                   hidden_dim=cfg["intermediate_size"], vocab_size=cfg["vocab_size"],
-                   norm_eps=cfg.get("rms_norm_eps", 1e-5), rope_theta=rope.get("rope_theta", cfg.get("rope_theta",
-                   1e4)), rope_scaling=scaling, max_seq_len=cfg.get("max_position_embeddings", 4096),
-                   tie_embeddings=cfg.get("tie_word_embeddings", False), sliding_window=window,
-                   bos_id=cfg.get("bos_token_id"), eos_ids=tuple(eos if isinstance(eos, list) else [eos]))
 
 
 def rope_frequencies(args: ModelArgs) -> torch.Tensor:
@@ -122,18 +80,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
 
 
-def attend(s: torch.Tensor, v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """The attention equation, the only place kvnest writes it:
+def attention(s: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The attention equation, the only place kvnest writes it (a HeadGroup then sums the values, y_i = sum_j a_ij v_j):
 
-        a_ij = w_ij exp(s_ij) / sum_l w_il exp(s_il),        y_i = sum_j a_ij v_j
+        a_ij = w_ij exp(s_ij) / sum_l w_il exp(s_il)
 
     s (..., T, S) scores q_i . k_j / sqrt(D) in fp32; w (..., T, S) weights: 0/1 visibility (then a is the masked
     softmax), or keep flags in [0, 1] that carry a straight-through gradient (evict.py), which must reach the
-    flags also where they are 0; v (..., S, r) -> (..., T, r)."""
+    flags also where they are 0. -> a (..., T, S) in fp32"""
     w = w.to(s.dtype)
     top = s.masked_fill(w == 0, float("-inf")).amax(-1, keepdim=True).detach()  # over the visible keys
     p = torch.exp((s - top).clamp(max=0)) * w  # hidden scores can neither overflow nor shift the visible ones
-    return (p / p.sum(-1, keepdim=True)).to(v.dtype) @ v
+    return p / p.sum(-1, keepdim=True)
 
 
 def rotated_scores(q: torch.Tensor, K: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -147,6 +105,9 @@ def rotated_scores(q: torch.Tensor, K: torch.Tensor, cos: torch.Tensor, sin: tor
     return (cos * (q1 * k1 + q2 * k2) + sin * (q2 * k1 - q1 * k2)).sum(-1)  # each key read once
 
 
+CHUNK = 1024  # queries attended at once in a long prefill: the (T, S) scores of all of them would not fit
+
+
 class HeadGroup(nn.Module):
     """KV heads of one layer that share a static buffer: k (B, n, S, r_k), v (B, n, S, r_v), and length (B, n), the
     entries each sequence holds per head. New entries go to the next free slots. Optional:
@@ -158,7 +119,7 @@ class HeadGroup(nn.Module):
 
     def __init__(self, heads: list, k, v, length, U_k=None, U_v=None, b_v=None, pre_rope=False, pos=None):
         super().__init__()
-        self.pre_rope, self.keep, self.recent = pre_rope, None, 0
+        self.pre_rope, self.keep, self.recent, self.observe, self.probs = pre_rope, None, 0, False, None
         self.register_buffer("heads", torch.tensor(heads, device=k.device), persistent=False)
         for name, t in (("k", k), ("v", v), ("length", length), ("U_k", U_k), ("U_v", U_v), ("b_v", b_v),
                         ("pos", pos)):
@@ -186,12 +147,19 @@ class HeadGroup(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos, window, rope) -> torch.Tensor:
         """Write the new entries, then attend. q (B, n, G, T, D) after RoPE; k (B, n, T, D) before RoPE for pre_rope
         groups, after it otherwise; v (B, n, T, D); pos: the first new position; rope: (cos, sin) of every position,
-        (P, D/2) each, for pre-RoPE keys. -> (B, n, G, T, D)"""
-        T, S, D = q.shape[3], self.k.shape[2], q.shape[-1]
-        before = self.length.clone()  # (B, n)
+        (P, D/2) each, for pre-RoPE keys. -> (B, n, G, T, D). Long prefills attend in chunks of CHUNK queries."""
+        first = self.length.clone()  # (B, n): the slot of the first new entry
         self.write(k, v, pos)
+        T = q.shape[3]
+        return torch.cat([self.read(q[:, :, :, t: t + CHUNK], first + t, pos + t, window, rope)
+                          for t in range(0, T, CHUNK)], 3)
+
+    def read(self, q: torch.Tensor, first: torch.Tensor, pos, window, rope) -> torch.Tensor:
+        """Attention of T queries whose own entries sit at slots first + [0, T) (first (B, n)), at positions
+        pos + [0, T): scores, weights w_ij, the equation, the values. q (B, n, G, T, D) -> (B, n, G, T, D)"""
+        T, S, D = q.shape[3], self.k.shape[2], q.shape[-1]
         slot, t = torch.arange(S, device=q.device), torch.arange(T, device=q.device)[:, None]
-        query_slot = before[..., None, None] + t  # (B, n, T, 1): where each query's own entry went
+        query_slot = first[..., None, None] + t  # (B, n, T, 1)
         w = slot <= query_slot  # (B, n, T, S): held entries up to the query's own
         if window:  # Mistral; eviction is refused with a window, so slot j holds position j
             w = w & (slot > pos + t - window)
@@ -199,17 +167,32 @@ class HeadGroup(nn.Module):
             near = ((query_slot - slot) < max(self.recent, 1)).float()
             keep = torch.cat([self.keep, self.keep.new_ones(*self.keep.shape[:2], S - self.keep.shape[-1])], -1)
             w = w * (keep[:, :, None] + (1 - keep[:, :, None]) * near)
-        if self.pre_rope:  # rebuild the keys, then rotate them inside the dot product
+        if self.pre_rope:  # rebuild the keys, then rotate them: inside the dot product for one query
             K = self.k @ self.U_k.to(self.k.dtype).transpose(-1, -2)  # (B, n, S, D)
-            cos, sin = (r[:S] if self.pos is None else r[self.pos] for r in rope)
-            s = rotated_scores(q, K, cos, sin)
+            cos, sin = (r[:S] if self.pos is None else r[self.pos] for r in rope)  # (S | B, n, S, D/2)
+            if T == 1:
+                s = rotated_scores(q, K, cos, sin)
+            else:  # many queries: rotate each key once, then one product
+                cos, sin = (torch.cat([c, c], -1).to(K.dtype) for c in (cos, sin))
+                s = (q @ apply_rope(K, cos, sin)[:, :, None].transpose(-1, -2)).float()
         else:
             q = q if self.U_k is None else q @ self.U_k.to(q.dtype)[:, None]  # (B, n, G, T, r_k): the basis
             s = (q @ self.k[:, :, None].transpose(-1, -2)).float()  # (B, n, G, T, S)
-        y = attend(s / math.sqrt(D), self.v[:, :, None], w[:, :, None])  # (B, n, G, T, r_v)
+        a = attention(s / math.sqrt(D), w[:, :, None])  # (B, n, G, T, S)
+        if self.observe:  # gate.py judges decoded tokens by the attention they receive
+            self.probs = a
+        y = a.to(self.v.dtype) @ self.v[:, :, None]  # (B, n, G, T, r_v)
         if self.U_v is not None:
             y = y @ self.U_v.to(y.dtype).transpose(-1, -2)[:, None] + self.b_v.to(y.dtype)[:, None, None]
         return y
+
+    def drop(self, slot: torch.Tensor, gone: torch.Tensor) -> None:
+        """Remove the entry at slot (B, n) where gone (B, n): the later entries move one slot left."""
+        for b, i in gone.nonzero().tolist():
+            s, n = int(slot[b, i]), int(self.length[b, i])
+            for buf in (self.k, self.v) if self.pos is None else (self.k, self.v, self.pos):
+                buf[b, i, s: n - 1] = buf[b, i, s + 1: n].clone()
+            self.length[b, i] -= 1
 
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes + (0 if self.pos is None else self.pos.nbytes)
@@ -281,7 +264,8 @@ class LayerCache(nn.Module):
 
 class KVCache(nn.Module):
     """The static cache of a whole model for `batch` sequences of up to `size` tokens: one LayerCache per layer.
-    `features` (compress.py's Matryoshka) gives each layer's (U_k, U_v, b_v, pre_rope) by `features.layer(i)`."""
+    `features` (compress.py's Matryoshka) gives each layer's (U_k, U_v, b_v, pre_rope) by `features.layer(i)`, and
+    says whether keys are stored before RoPE (`features.pre_rope`)."""
 
     def __init__(self, model: "Transformer", batch: int, size: int, features=None, dtype=None):
         super().__init__()
@@ -290,7 +274,7 @@ class KVCache(nn.Module):
                                                None if features is None else features.layer(i))
                                     for i in range(a.n_layers))
         self.size, self.rope = size, None
-        if features is not None and features.layer(0)[3]:  # one (cos, sin) table for every rebuilt key
+        if features is not None and features.pre_rope:  # one (cos, sin) table for every rebuilt key
             cos, sin = rope_cos_sin(model.inv_freq, torch.arange(max(size, a.max_seq_len), device=p.device))
             self.rope = (cos[:, : a.head_dim // 2].contiguous(), sin[:, : a.head_dim // 2].contiguous())
 
@@ -397,45 +381,6 @@ class Transformer(nn.Module):
         for layer, layer_cache in zip(self.layers, cache.layers):
             x = layer(x, pos, cos, sin, layer_cache, cache.rope)
         return self.lm_head(self.norm(x))
-
-
-def load_model(path, dtype=torch.float32, device="cpu") -> Transformer:
-    """Load a Hugging Face folder (config.json + model.safetensors or shards with an index), no transformers."""
-    from safetensors import SafetensorError, safe_open
-
-    folder = Path(path)
-    if not folder.is_dir():
-        raise ModelError(f"model folder {folder} does not exist; pass --model a Hugging Face model folder")
-    if not (folder / "config.json").is_file():
-        raise ModelError(f"{folder} has no config.json; pass a Hugging Face model folder")
-    args = ModelArgs.from_hf_config(json.loads((folder / "config.json").read_text()))
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
-    else:
-        files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise ModelError(f"{folder} has no *.safetensors weights; convert the checkpoint to safetensors first")
-    state = {}
-    for file in files:
-        try:
-            with safe_open(file, framework="pt", device=str(device)) as f:
-                for name in f.keys():
-                    state[name.removeprefix("model.").replace("self_attn.", "attn.")] = f.get_tensor(name).to(dtype)
-        except (SafetensorError, OSError) as e:
-            raise ModelError(f"cannot read {file} ({str(e).splitlines()[0]}); the file is damaged or truncated, "
-                             f"download or convert it again") from None
-    if args.tie_embeddings or "lm_head.weight" not in state:
-        state["lm_head.weight"] = state["embed_tokens.weight"]
-    with torch.device("meta"):
-        model = Transformer(args)
-    missing = sorted(set(model.state_dict()) - set(state))
-    if missing:
-        raise ModelError(f"weights in {folder} lack {len(missing)} tensors (first: {missing[0]}); "
-                         f"is this a complete {args.n_layers}-layer LLaMA/Mistral checkpoint?")
-    model.load_state_dict(state, strict=False, assign=True)
-    model.inv_freq = rope_frequencies(args).to(device)
-    return model.eval().requires_grad_(False)
 
 
 @torch.no_grad()

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from assets import load_pairs, load_text, token_windows
 from compress import KEY_MODES, Projections, load_projections, pca_projections, save_projections, uniform_ranks
-from errors import KVNestError, Parser, count, number, positive, ratio, run_cli
+from errors import KVNestError, Parser, count, nonnegative, positive, ratio, run_cli
 from eval import SWEEP_BUDGETS, eval_windows, eviction_table, score
 from evict import Protocol, prefill
 from flags import add_model_flags, model_from_flags
@@ -233,17 +233,17 @@ def main(argv=None):
     for name, kind in (("steps", count), ("batch", count), ("seq_len", lambda s: count(s, 2)), ("lr", positive)):
         p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None,
                        help=" / ".join(f"{m}: {d[name]}" for m, d in DEFAULTS.items()) + " by default")
-    p.add_argument("--warmup", type=number, default=0.05, help="warm-up fraction of the steps, in [0, 1)")
+    p.add_argument("--warmup", type=nonnegative, default=0.05, help="warm-up fraction of the steps, in [0, 1)")
     p.add_argument("--clip", type=positive, default=1.0, help="gradient norm clip")
-    p.add_argument("--kl-weight", type=number, default=1.0)
-    p.add_argument("--ce-weight", type=number, default=0.0, help="LM cross-entropy weight (paper: 0.75, KL 0.25)")
+    p.add_argument("--kl-weight", type=nonnegative, default=1.0)
+    p.add_argument("--ce-weight", type=nonnegative, default=0.0, help="LM cross-entropy weight (paper: 0.75, KL 0.25)")
     p.add_argument("--key-mode", default="pre_rope", choices=KEY_MODES, help="matryoshka: project keys before or "
                    "after RoPE")
     p.add_argument("--rank-step", type=count, default=None, help="matryoshka: ranks are drawn from multiples of "
                    "this (default head_dim / 8)")
     p.add_argument("--calib-windows", type=count, default=8, help="matryoshka: 512-token windows for the PCA start")
     p.add_argument("--keep", type=ratio, default=0.5, help="gate: target kept fraction of the context")
-    p.add_argument("--keep-weight", type=number, default=10.0, help="gate: weight of (kept - keep)^2")
+    p.add_argument("--keep-weight", type=nonnegative, default=10.0, help="gate: weight of (kept - keep)^2")
     p.add_argument("--ctx-len", type=count, default=384, help="gate: context tokens of each window")
     p.add_argument("--protocol", choices=["after", "inside"], default="after",
                    help="gate: evict after a full-attention prefill or inside it (the paper's protocol)")
@@ -257,8 +257,8 @@ def main(argv=None):
         if getattr(args, name) is None:
             setattr(args, name, value)
     args.out = Path(args.out or f"runs/{args.method}.safetensors")
-    if not 0 <= args.warmup < 1 or args.kl_weight < 0 or args.ce_weight < 0 or args.keep_weight < 0:
-        raise KVNestError("--warmup must be in [0, 1) and the loss weights >= 0")
+    if args.warmup >= 1:
+        raise KVNestError(f"--warmup {args.warmup} must be in [0, 1): the fraction of the steps that warm up")
     if args.kl_weight == args.ce_weight == 0:
         raise KVNestError("--kl-weight and --ce-weight are both 0: nothing to train on; give one a weight")
     if args.out.parent.exists() and not args.out.parent.is_dir():

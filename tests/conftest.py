@@ -78,7 +78,7 @@ def default_folder():
 @pytest.fixture(scope="session")
 def default_model(default_folder):
     from assets import Tokenizer
-    from model import load_model
+    from weights import load_model
     return load_model(default_folder), Tokenizer(default_folder)
 
 

@@ -2,7 +2,7 @@
 import torch
 
 from bench import KINDS, bench, bytes_per_token_of, capacity, table
-from model import load_model
+from weights import load_model
 
 
 def test_bench_rows_bytes_and_capacity(tiny_llama):
@@ -48,3 +48,17 @@ def test_filled_caches_decode_like_prefilled_ones(tiny_llama):
             mine.groups[0].v.copy_(theirs.groups[0].v)
         assert cache.layers[0].groups[0].length.tolist() == [[11, 11], [11, 11]]
         assert (model(x[:, 11:], 11, cache) - model(x)[:, 11:]).abs().max() < 1e-5
+
+
+def test_the_peer_row_is_transformers_decode_with_the_same_cache_bytes(tiny_llama):
+    """--peer: transformers' own decode of the same model, timed in the same run; its StaticCache holds what
+    kvnest's full cache holds."""
+    from bench import PEER, bytes_per_token_of, peer_model
+    model = load_model(tiny_llama[0])
+    per_token = bytes_per_token_of(model, 0.5, 0.5, ["full"])
+    per_token[PEER] = per_token["full"]
+    rows = bench(model, contexts=[64], batches=[2], steps=2, budget=0.5, keep=0.5, per_token=per_token,
+                 compile=False, rounds=1, peer=peer_model(model, str(tiny_llama[0])))
+    full, peer = rows
+    assert peer["kind"] == PEER and peer["fits"] and peer["step_s"] > 0
+    assert peer["kv_bytes"] == full["kv_bytes"] == 2 * (64 + 4) * 2 * 2 * 2 * 16 * 4

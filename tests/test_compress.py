@@ -12,7 +12,8 @@ from conftest import run_config
 from compress import (KEY_MODES, budget_of, load_projections, load_ranks, pca_projections, save_projections,
                       uniform_ranks)
 from errors import KVNestError
-from model import KVCache, apply_rope, generate, load_model, rope_cos_sin
+from model import KVCache, apply_rope, generate, rope_cos_sin
+from weights import load_model
 from search import greedy_search
 from train import train_matryoshka
 

@@ -10,8 +10,9 @@ from errors import KVNestError
 from eval import score_eviction
 from evict import (H2O, Protocol, RandomPolicy, SnapKV, StreamingLLM, flags_from_scores, kept_fraction, prefill,
                    received_attention)
-from gate import Gate, calibrate_gate, joint_flags, load_gate, save_gate
-from model import KVCache, ModelError, load_model
+from gate import Gate, calibrate_gate, joint_flags, judging, load_gate, save_gate
+from model import KVCache, ModelError
+from weights import load_model
 from train import train_gate
 
 POLICIES = [StreamingLLM(), H2O(), SnapKV(), RandomPolicy(), None]  # None: a calibrated gate
@@ -155,6 +156,42 @@ def test_eviction_inside_the_prefill_equals_an_eager_reference(llama, policy):
         assert (compact - out).abs().max() < 1e-4  # the compact cache after it
         keep_all, _ = evicted_logits(llama, x, 40, p, 1.0, compact=False, exact=True, protocol=inside)
         assert (keep_all - llama(x)).abs().max() < 1e-5
+
+
+def test_gating_new_tokens_evicts_them_after_their_window_and_equals_an_eager_reference(llama):
+    """Decoded tokens stay visible to `window` queries, then leave where the gate says so. Here head 0 keeps every
+    new token and head 1 none (their biases, set after the prefill), and decoding from the compact cache equals the
+    eager model under exactly those masks, while head 1's cache stops growing."""
+    x, window, new = tokens(52), 3, 12
+    gate = policy_for(llama, None, x[:, :40], keep=0.5)
+    cache = KVCache(llama, 2, 52)
+    with torch.no_grad():
+        _, flags = prefill(llama, x[:, :40], cache, gate, 0.5, Protocol(window=window), exact=True)
+        gate.c[:, 0], gate.c[:, 1] = 1e4, -1e4
+        with judging(llama, cache, gate, window) as judges:
+            out = torch.cat([llama(x[:, i: i + 1], i, cache) for i in range(40, 52)], 1)
+    masks = eviction_masks(flags, 52, 40)
+    i, j = torch.arange(52)[:, None], torch.arange(52)[None, :]
+    for m in masks:
+        m[:, 1, 40:, 40:] &= ((i - j) < window)[40:, 40:]
+    with torch.no_grad():
+        assert (out - eager_masked_logits(llama, x, masks)[:, 40:]).abs().max() < 1e-4
+    for layer, f, judge in zip(cache.layers, flags, judges):
+        held = f.sum(-1)  # (B, H_kv) kept context entries
+        assert (judge.kept, judge.decided) == (2 * (new - window + 1), 4 * (new - window + 1))
+        length = torch.cat([g.length for g in layer.groups], 1)[:, torch.cat([g.heads for g in layer.groups]).argsort()]
+        assert torch.equal(length[:, 0], held[:, 0] + new) and torch.equal(length[:, 1], held[:, 1] + window - 1)
+    with pytest.raises(KVNestError, match="needs a learned gate"):
+        with judging(llama, cache, SnapKV(), window):
+            pass
+    soft = KVCache(llama, 2, 52)
+    prefill(llama, x[:, :40], soft, gate, 0.5, exact=True, compact=False)
+    with pytest.raises(KVNestError, match="evicts from a compact cache"):
+        with judging(llama, soft, gate, window):
+            pass
+    with pytest.raises(KVNestError, match="window >= 1"):
+        with judging(llama, cache, gate, 0):
+            pass
 
 
 def test_bad_eviction_protocols_are_clear_errors(llama):

@@ -15,7 +15,8 @@ from eval import main as eval_main, score_eviction
 from evict import H2O, RandomPolicy, SnapKV, StreamingLLM, prefill
 from gate import Gate, calibrate_gate
 from kernels import Decoder
-from model import KVCache, apply_rope, load_model, rope_cos_sin, rotated_scores
+from model import KVCache, apply_rope, rope_cos_sin, rotated_scores
+from weights import load_model
 from errors import KVNestError
 from test_compress import random_ranks, tokens, trained_like
 
@@ -227,3 +228,35 @@ def test_cuda_graphs_in_bf16_equal_eager(tiny_llama, features, policy):
     ref = decode(Decoder(model, STEPS, compile=False, **kw), x, new).float()
     got = decode(Decoder(model, STEPS, **kw), x, new).float()  # mode="reduce-overhead"
     assert (got - ref).abs().max().item() <= 0.05 * ref.abs().max().item()  # bf16 rounding, not a wrong answer
+
+
+KINDS = [(None, None), ("post_rope", None), ("pre_rope", None), (None, "snapkv"), ("post_rope", "gate"),
+         ("pre_rope", "gate")]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("features,policy", KINDS, ids=["full", "matryoshka", "matryoshka-pre", "eviction", "both",
+                                                          "both-pre"])
+def test_every_kind_runs_in_half_precision_close_to_fp32(tiny_llama, features, policy, dtype):
+    """fp32 bases, offsets and gates meet a half-precision model: what the cache stores follows the model's dtype
+    (the class of slip that broke the first GPU run), and the logits stay close to fp32's."""
+    x, new = tokens(20, batch=2), tokens(STEPS, batch=2, seed=1)
+    full, half = load_model(tiny_llama[0]), load_model(tiny_llama[0], dtype=dtype)
+    kw = setup(full, features, policy, x)
+    ref = decode(Decoder(full, STEPS, compile=False, **kw), x, new)
+    dec = Decoder(half, STEPS, compile=False, **kw)
+    got = decode(dec, x, new)
+    assert got.dtype == dtype and (got.float() - ref).abs().max().item() <= 0.05 * ref.abs().max().item()
+    for layer in dec.cache.layers:
+        for g in layer.groups:
+            assert all(t.dtype == dtype for t in (g.k, g.v, g.U_k, g.U_v, g.b_v) if t is not None)
+            assert all(t.device == half.lm_head.weight.device for t in g.buffers())
+
+
+def test_compiled_bf16_equals_eager_bf16(tiny_llama):
+    model = load_model(tiny_llama[0], dtype=torch.bfloat16)
+    x, new = tokens(20, batch=2), tokens(STEPS, batch=2, seed=1)
+    kw = setup(model, "pre_rope", "snapkv", x)
+    ref = decode(Decoder(model, STEPS, compile=False, **kw), x, new).float()
+    got = decode(Decoder(model, STEPS, **kw), x, new).float()
+    assert (got - ref).abs().max().item() <= 0.02 * ref.abs().max().item()  # bf16 rounding in fused kernels

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from conftest import save_tiny
-from model import KVCache, ModelArgs, ModelError, generate, load_model
+from errors import KVNestError
+from model import KVCache, ModelError, generate
+from weights import args_from_hf_config, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,13 +83,13 @@ def test_sharded_checkpoint_with_index(tmp_path):
 
 
 def test_missing_folder_is_a_clear_error(tmp_path):
-    with pytest.raises(ModelError, match="does not exist"):
+    with pytest.raises(KVNestError, match="does not exist"):
         load_model(tmp_path / "nope")
 
 
 def test_folder_without_weights_is_a_clear_error(tmp_path, tiny_llama):
     shutil.copy(tiny_llama[0] / "config.json", tmp_path)
-    with pytest.raises(ModelError, match="no \\*.safetensors weights"):
+    with pytest.raises(KVNestError, match="no \\*.safetensors weights"):
         load_model(tmp_path)
 
 
@@ -95,21 +97,21 @@ def test_truncated_safetensors_is_a_clear_error(tmp_path, tiny_llama):
     shutil.copy(tiny_llama[0] / "config.json", tmp_path)
     data = (tiny_llama[0] / "model.safetensors").read_bytes()
     (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(ModelError, match="damaged or truncated"):
+    with pytest.raises(KVNestError, match="damaged or truncated"):
         load_model(tmp_path)
 
 
 def test_unsupported_architecture_and_fields_are_clear_errors():
     base = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 96,
             "vocab_size": 128}
-    with pytest.raises(ModelError, match="unsupported architecture 'GPT2LMHeadModel'"):
-        ModelArgs.from_hf_config(dict(base, model_type="gpt2", architectures=["GPT2LMHeadModel"]))
-    with pytest.raises(ModelError, match="attention_bias"):
-        ModelArgs.from_hf_config(dict(base, model_type="llama", attention_bias=True))
-    with pytest.raises(ModelError, match="config.json lacks vocab_size"):
-        ModelArgs.from_hf_config({k: v for k, v in base.items() if k != "vocab_size"} | {"model_type": "llama"})
-    with pytest.raises(ModelError, match="rope scaling 'yarn'"):
-        ModelArgs.from_hf_config(dict(base, model_type="llama", rope_scaling={"rope_type": "yarn", "factor": 2}))
+    with pytest.raises(KVNestError, match="unsupported architecture 'GPT2LMHeadModel'"):
+        args_from_hf_config(dict(base, model_type="gpt2", architectures=["GPT2LMHeadModel"]))
+    with pytest.raises(KVNestError, match="attention_bias"):
+        args_from_hf_config(dict(base, model_type="llama", attention_bias=True))
+    with pytest.raises(KVNestError, match="config.json lacks vocab_size"):
+        args_from_hf_config({k: v for k, v in base.items() if k != "vocab_size"} | {"model_type": "llama"})
+    with pytest.raises(KVNestError, match="rope scaling 'yarn'"):
+        args_from_hf_config(dict(base, model_type="llama", rope_scaling={"rope_type": "yarn", "factor": 2}))
 
 
 def test_sequence_longer_than_cache_is_a_clear_error(tiny_llama):
