@@ -209,11 +209,11 @@ def eviction_main(args, model, tok, features, policy, keep) -> None:
     """--evict METHOD / --evict-sweep: continuation perplexity and KL after evicting the context's cache."""
     from evict import Protocol
     protocol = Protocol(args.protocol == "inside", args.sinks, args.window)
-    if args.seq_len <= args.ctx_len + 1:
-        raise KVNestError(f"--ctx-len {args.ctx_len} leaves no continuation in --seq-len {args.seq_len}; lower it")
     if (args.gate_threshold or args.gate_new) and args.evict != "gate":
         raise KVNestError(f"--{'gate-threshold' if args.gate_threshold else 'gate-new'} acts with the gate; pass "
                           f"--evict gate")
+    if args.seq_len <= args.ctx_len + 1:
+        raise KVNestError(f"--ctx-len {args.ctx_len} leaves no continuation in --seq-len {args.seq_len}; lower it")
     windows = eval_windows(tok, args.data, args.windows or 8, args.seq_len)
     if args.evict_sweep:
         table, results = eviction_table(model, windows, {"gate": policy} if policy else {}, list(EVICT_KEEPS),
@@ -269,6 +269,8 @@ def main(argv=None):
     if eviction_flags and not (args.evict or args.evict_sweep):
         raise KVNestError(f"--{eviction_flags[0].replace('_', '-')} acts with --evict or --evict-sweep; pass one")
     model, tok, folder = model_from_flags(args)
+    if args.seq_len > model.args.max_seq_len:
+        raise KVNestError(f"--seq-len {args.seq_len} exceeds the model's context of {model.args.max_seq_len}")
     if args.sweep:
         if not args.projections or args.budget is not None or args.evict or args.evict_sweep:
             raise KVNestError("--sweep scores --projections at every budget (with --ranks if given); pass "
