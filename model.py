@@ -135,8 +135,8 @@ class HeadGroup(nn.Module):
         slots = self.length[..., None] + torch.arange(T, device=k.device)  # (B, n, T)
         seq, head = torch.arange(B, device=k.device)[:, None, None], torch.arange(n, device=k.device)[None, :, None]
         index, k, v = (seq, head, slots), k.to(self.k.dtype), v.to(self.v.dtype)
-        if torch.is_grad_enabled() and (k.requires_grad or self.k.requires_grad):  # training: a new buffer, as
-            self.k, self.v = self.k.index_put(index, k), self.v.index_put(index, v)  # autograd saved the old one
+        if torch.is_grad_enabled():  # training: a new buffer, as autograd may have saved the old one
+            self.k, self.v = self.k.index_put(index, k), self.v.index_put(index, v)
         else:
             self.k.index_put_(index, k)  # in place: a decode step writes only its entries
             self.v.index_put_(index, v)
@@ -174,14 +174,14 @@ class HeadGroup(nn.Module):
                 s = rotated_scores(q, K, cos, sin)
             else:  # many queries: rotate each key once, then one product
                 cos, sin = (torch.cat([c, c], -1).to(K.dtype) for c in (cos, sin))
-                s = (q @ apply_rope(K, cos, sin)[:, :, None].transpose(-1, -2)).float()
-        else:
+                s = (q.flatten(2, 3) @ apply_rope(K, cos, sin).transpose(-1, -2)).float().unflatten(2, q.shape[2:4])
+        else:  # the G x T queries of a KV head in one product with its keys: no key is copied per query head
             q = q if self.U_k is None else q @ self.U_k.to(q.dtype)[:, None]  # (B, n, G, T, r_k): the basis
-            s = (q @ self.k[:, :, None].transpose(-1, -2)).float()  # (B, n, G, T, S)
+            s = (q.flatten(2, 3) @ self.k.transpose(-1, -2)).float().unflatten(2, q.shape[2:4])  # (B, n, G, T, S)
         a = attention(s / math.sqrt(D), w[:, :, None])  # (B, n, G, T, S)
         if self.observe:  # gate.py judges decoded tokens by the attention they receive
             self.probs = a
-        y = a.to(self.v.dtype) @ self.v[:, :, None]  # (B, n, G, T, r_v)
+        y = (a.to(self.v.dtype).flatten(2, 3) @ self.v).unflatten(2, a.shape[2:4])  # (B, n, G, T, r_v)
         if self.U_v is not None:
             y = y @ self.U_v.to(y.dtype).transpose(-1, -2)[:, None] + self.b_v.to(y.dtype)[:, None, None]
         return y
