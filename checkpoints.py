@@ -7,6 +7,13 @@ from pathlib import Path
 from errors import KVNestError
 
 
+def made_for(recorded, model) -> bool:
+    """Whether a checkpoint's recorded model fingerprint is this model's. One written before fingerprints held a
+    digest of the weights is compared on what it holds."""
+    now = model.fingerprint()
+    return isinstance(recorded, dict) and recorded == {k: v for k, v in now.items() if k in recorded or k != "digest"}
+
+
 def save_checkpoint(path, tensors: dict, meta: dict) -> None:
     """Write tensors to safetensors with JSON metadata atomically."""
     from safetensors.torch import save_file
@@ -31,7 +38,7 @@ def load_checkpoint(path, model, kind: str, made_by: str) -> tuple[dict, dict]:
         raise KVNestError(f"cannot read {path} ({str(e).splitlines()[0]}); it is damaged, train again") from None
     if meta.get("kvnest") != kind:
         raise KVNestError(f"{path} is not a {kind} checkpoint; pass one written by `{made_by}`")
-    if meta.get("model") != model.fingerprint():
+    if not made_for(meta.get("model"), model):
         raise KVNestError(f"{path} was made for another model ({meta.get('model')}); train for this model or "
                           f"pass the model it was made for")
     return tensors, meta

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from checkpoints import load_checkpoint, save_checkpoint
+from checkpoints import load_checkpoint, made_for, save_checkpoint
 from errors import KVNestError, check_ratio
 from model import Transformer, apply_rope, rope_cos_sin
 
@@ -165,7 +165,7 @@ def load_ranks(path, model: Transformer, budget: float | None = None) -> tuple[t
     if not Path(path).is_file():
         raise KVNestError(f"ranks file {path} does not exist; make one with `python search.py`")
     data = json.loads(Path(path).read_text())
-    if data.get("model") != model.fingerprint():
+    if not made_for(data.get("model"), model):
         raise KVNestError(f"ranks file {path} was made for another model; run search.py for this model")
     entries = data["budgets"]
     key = f"{budget:g}" if budget is not None else data["target"]

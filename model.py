@@ -351,12 +351,15 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_frequencies(args), persistent=False)
+        self.digest = None
 
     def fingerprint(self) -> dict:
-        """Shapes plus a checksum of the first layer's key weights: what a checkpoint must match to be applied."""
+        """What a checkpoint must match to be applied: shapes, a checksum of the first layer's key weights, and the
+        digest of every weight as stored, when a loader set one (weights.py does)."""
         a, w = self.args, self.layers[0].attn.k_proj.weight
-        return {"n_layers": a.n_layers, "n_kv_heads": a.n_kv_heads, "head_dim": a.head_dim, "dim": a.dim,
-                "vocab_size": a.vocab_size, "k_proj_checksum": float(f"{float(w.double().abs().sum()):.3g}")}
+        out = {"n_layers": a.n_layers, "n_kv_heads": a.n_kv_heads, "head_dim": a.head_dim, "dim": a.dim,
+               "vocab_size": a.vocab_size, "k_proj_checksum": float(f"{float(w.double().abs().sum()):.3g}")}
+        return out if self.digest is None else dict(out, digest=self.digest)
 
     def rope(self, pos, T: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin (T, D) of positions [pos, pos + T); pos an int, or a 0-d tensor in a compiled step."""

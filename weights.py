@@ -1,6 +1,7 @@
 """Real weights: a Hugging Face model folder (config.json, model.safetensors or shards with an index) loaded into
 model.py's Transformer, with no transformers at run time. What model.py does not implement, and a folder whose
 files are malformed or disagree with each other, is refused in one line that names the problem."""
+import hashlib
 import json
 from pathlib import Path
 
@@ -96,12 +97,15 @@ def load_model(path, dtype=torch.float32, device="cpu") -> Transformer:
     files = weight_files(folder)
     if not files:
         raise KVNestError(f"{folder} has no *.safetensors weights; convert the checkpoint to safetensors first")
-    state = {}
+    state, digests = {}, {}
     for file in files:
         try:
             with safe_open(file, framework="pt", device=str(device)) as f:
                 for name in f.keys():
-                    state[name.removeprefix("model.").replace("self_attn.", "attn.")] = f.get_tensor(name).to(dtype)
+                    tensor = f.get_tensor(name)
+                    digests[name] = hashlib.blake2b(tensor.cpu().contiguous().view(-1).view(torch.uint8).numpy(),
+                                                    digest_size=16).hexdigest()
+                    state[name.removeprefix("model.").replace("self_attn.", "attn.")] = tensor.to(dtype)
         except (SafetensorError, OSError) as e:
             raise KVNestError(f"cannot read {file} ({str(e).splitlines()[0]}); the file is damaged or truncated, "
                               f"download or convert it again") from None
@@ -119,5 +123,7 @@ def load_model(path, dtype=torch.float32, device="cpu") -> Transformer:
         raise KVNestError(f"{folder}: {wrong[0]} has shape {tuple(state[wrong[0]].shape)} but config.json implies "
                           f"{tuple(expected[wrong[0]].shape)}; the config and the weights disagree")
     model.load_state_dict(state, strict=False, assign=True)
+    model.digest = hashlib.blake2b("".join(f"{n}:{d};" for n, d in sorted(digests.items())).encode(),
+                                   digest_size=16).hexdigest()  # of the weights as stored, whatever --dtype
     model.inv_freq = rope_frequencies(args).to(device)
     return model.eval().requires_grad_(False)

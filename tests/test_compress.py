@@ -215,6 +215,32 @@ def test_checkpoint_for_another_model_is_refused(tiny_llama, tiny_mistral, tmp_p
         load_projections(path, llama)
 
 
+def test_a_checkpoint_is_refused_by_a_model_that_differs_by_small_noise(tiny_llama, tmp_path):
+    """The fingerprint holds a digest of every weight as stored: the same model with noise far below the old
+    checksum's 3 significant figures is another model; the same weights loaded in bf16 are the same model; a
+    checkpoint written before the digest existed still loads."""
+    import shutil
+    from safetensors.torch import load_file, save_file
+    from checkpoints import save_checkpoint
+    shutil.copytree(tiny_llama[0], tmp_path / "noisy")
+    weights = load_file(tmp_path / "noisy" / "model.safetensors")
+    save_file({k: v + 1e-6 * torch.randn_like(v) for k, v in weights.items()}, tmp_path / "noisy" / "model.safetensors",
+              metadata={"format": "pt"})
+    llama, noisy = load_model(tiny_llama[0]), load_model(tmp_path / "noisy")
+    assert {k: v for k, v in noisy.fingerprint().items() if k != "digest"} == \
+        {k: v for k, v in llama.fingerprint().items() if k != "digest"}  # the old fingerprint could not tell
+    path = tmp_path / "p.safetensors"
+    proj = trained_like(llama)
+    save_projections(path, proj, {"model": llama.fingerprint()})
+    with pytest.raises(KVNestError, match="was made for another model"):
+        load_projections(path, noisy)
+    load_projections(path, load_model(tiny_llama[0], dtype=torch.bfloat16))
+    old = {k: v for k, v in llama.fingerprint().items() if k != "digest"}
+    save_checkpoint(tmp_path / "old.safetensors", proj.state_dict(), {"kvnest": "matryoshka", "model": old,
+                                                                        "key_mode": "post_rope"})
+    load_projections(tmp_path / "old.safetensors", llama)
+
+
 def test_scripts_end_to_end_on_a_tiny_model(tiny_llama, word_text, tmp_path):
     """train.py -> search.py -> eval.py --sweep and generate.py --projections, as a user runs them."""
     folder, ckpt, ranks = str(tiny_llama[0]), str(tmp_path / "p.safetensors"), str(tmp_path / "ranks.json")
