@@ -209,21 +209,15 @@ class LayerCache(nn.Module):
 
     def __init__(self, batch: int, size: int, n_kv: int, D: int, dtype, device, features=None):
         super().__init__()
+        U_k, U_v, b_v, pre_rope = features or ([None] * n_kv, [None] * n_kv, None, False)
+        ranks = [(D, D) if u is None else (u.shape[-1], w.shape[-1]) for u, w in zip(U_k, U_v)]
         self.groups = nn.ModuleList()
-        if features is None:
-            zeros = lambda: torch.zeros(batch, n_kv, size, D, dtype=dtype, device=device)  # noqa: E731
-            self.groups.append(HeadGroup(list(range(n_kv)), zeros(), zeros(), self.no_entries(batch, n_kv, device)))
-            return
-        U_k, U_v, b_v, pre_rope = features
-        for (r_k, r_v), heads in group_by([(u_k.shape[-1], u_v.shape[-1]) for u_k, u_v in zip(U_k, U_v)]):
-            zeros = lambda r: torch.zeros(batch, len(heads), size, r, dtype=dtype, device=device)  # noqa: E731
-            bases = [torch.stack([U[h] for h in heads]).to(dtype) for U in (U_k, U_v)]  # (n, D, r)
-            self.groups.append(HeadGroup(heads, zeros(r_k), zeros(r_v), self.no_entries(batch, len(heads), device),
-                                         *bases, b_v[heads].to(dtype), pre_rope))
-
-    @staticmethod
-    def no_entries(batch: int, n: int, device) -> torch.Tensor:
-        return torch.zeros(batch, n, dtype=torch.long, device=device)
+        for (r_k, r_v), heads in group_by(ranks):
+            zeros = lambda *shape, t=dtype: torch.zeros(batch, len(heads), *shape, dtype=t, device=device)  # noqa
+            bases = [] if features is None else [*(torch.stack([U[h] for h in heads]).to(dtype) for U in (U_k, U_v)),
+                                                 b_v[heads].to(dtype)]  # (n, D, r_k), (n, D, r_v), (n, D)
+            self.groups.append(HeadGroup(heads, zeros(size, r_k), zeros(size, r_v), zeros(t=torch.long), *bases,
+                                         pre_rope=pre_rope))
 
     def forward(self, q, k, k_rope, v, pos, window, rope) -> torch.Tensor:
         """q (B, H_kv, G, T, D), k before and after RoPE and v (B, H_kv, T, D) -> (B, H_kv, G, T, D)."""
