@@ -37,7 +37,11 @@ class Tokenizer:
         folder = Path(folder)
         if (folder / "tokenizer.json").is_file():
             from tokenizers import Tokenizer as HFTokenizer
-            self.hf = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+            try:
+                self.hf = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+            except Exception as e:  # tokenizers raises a bare Exception for a file it cannot parse
+                raise KVNestError(f"{folder / 'tokenizer.json'} is not a valid tokenizer ({e}); "
+                                  f"copy the model's tokenizer.json there again") from None
             self.sp = None
         elif (folder / "tokenizer.model").is_file():
             import sentencepiece
@@ -46,6 +50,10 @@ class Tokenizer:
             raise KVNestError(f"{folder} has no tokenizer.json or tokenizer.model; copy the model's tokenizer there")
 
     def encode(self, text: str, bos_id: int | None = None) -> list[int]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # undecodable bytes from argv arrive as lone surrogates
+            raise KVNestError("the text is not valid UTF-8; pass UTF-8 text") from None
         ids = self.hf.encode(text, add_special_tokens=False).ids if self.hf else self.sp.encode(text)
         return ([bos_id] if bos_id is not None else []) + ids
 
@@ -167,17 +175,27 @@ def default_halves() -> tuple[str, str]:
     return ("\n\n".join(topics[n] for n in names[0::2]), "\n\n".join(topics[n] for n in names[1::2]))
 
 
+def read_utf8(p: Path) -> str:
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise KVNestError(f"{p} is not UTF-8 text (byte {e.start}); convert it, for example with "
+                          f"`iconv -f latin1 -t utf-8`") from None
+
+
 def read_jsonl(p: Path, fields: tuple) -> list[tuple]:
     """The `fields` of every non-empty line of a .jsonl file, as tuples."""
     rows = []
-    for n, line in enumerate(p.read_text().splitlines(), 1):
+    for n, line in enumerate(read_utf8(p).splitlines(), 1):
         if line.strip():
             try:
-                obj = json.loads(line)
-                rows.append(tuple(obj[f] for f in fields))
-            except (json.JSONDecodeError, KeyError, TypeError):
+                row = tuple(json.loads(line)[f] for f in fields)
+            except (json.JSONDecodeError, KeyError, TypeError, IndexError):
+                row = None
+            if row is None or not all(isinstance(v, str) for v in row):
                 raise KVNestError(f"{p} line {n} is not a JSON object with {' and '.join(map(repr, fields))} "
-                                  f"fields; fix or remove it") from None
+                                  f"string fields; fix or remove it")
+            rows.append(row)
     return rows
 
 
@@ -192,7 +210,7 @@ def load_text(path: str | None, split: str) -> str:
         return "\n\n".join(text for text, in read_jsonl(p, ("text",)))
     if p.suffix != ".txt":
         raise KVNestError(f"data file {p} is neither .txt nor .jsonl; convert it to one of these")
-    return p.read_text()
+    return read_utf8(p)
 
 
 def load_pairs(path: str) -> list[tuple[str, str]]:

@@ -42,3 +42,16 @@ def load_checkpoint(path, model, kind: str, made_by: str) -> tuple[dict, dict]:
         raise KVNestError(f"{path} was made for another model ({meta.get('model')}); train for this model or "
                           f"pass the model it was made for")
     return tensors, meta
+
+
+def load_into(module, tensors: dict, path) -> None:
+    """Move a module's tensors out of a checkpoint's `tensors` into it; a missing tensor or a wrong shape (an edited
+    or damaged file) is refused by name before anything is loaded."""
+    state = module.state_dict()
+    for name, want in state.items():
+        got = tensors.get(name)
+        if got is None or got.shape != want.shape:
+            found = "missing" if got is None else f"of shape {tuple(got.shape)}"
+            raise KVNestError(f"{path}: tensor {name} is {found}, this model needs {tuple(want.shape)}; the "
+                              f"checkpoint is damaged, train again")
+    module.load_state_dict({k: tensors.pop(k) for k in state})

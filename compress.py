@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from checkpoints import load_checkpoint, made_for, save_checkpoint
+from checkpoints import load_checkpoint, load_into, made_for, save_checkpoint
 from errors import KVNestError, check_ratio
 from model import Transformer, apply_rope, rope_cos_sin
 
@@ -155,23 +155,39 @@ def save_projections(path, proj: Projections, meta: dict, extra: dict | None = N
 def load_projections(path, model: Transformer) -> tuple[Projections, dict, dict]:
     """Projections, metadata and any extra tensors of a checkpoint made for this model; refuses any other."""
     tensors, meta = load_checkpoint(path, model, "matryoshka", "python train.py")
-    proj = Projections(tensors.pop("U0_k"), tensors.pop("U0_v"), meta["key_mode"])
-    proj.load_state_dict({k: tensors.pop(k) for k in ("W_k", "W_v", "b_v")}, strict=False)
+    a = model.args
+    shape = (a.n_layers, a.n_kv_heads, a.head_dim, a.head_dim)
+    proj = Projections(torch.zeros(shape), torch.zeros(shape), meta.get("key_mode"))
+    load_into(proj, tensors, path)
     return proj.to(model.inv_freq.device), meta, tensors
 
 
 def load_ranks(path, model: Transformer, budget: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ranks from a search.py JSON file: the entry for `budget` (or the file's only/target entry)."""
+    """Ranks from a search.py JSON file: the entry for `budget` (or the file's target entry)."""
     if not Path(path).is_file():
         raise KVNestError(f"ranks file {path} does not exist; make one with `python search.py`")
-    data = json.loads(Path(path).read_text())
+    fix = "make it again with `python search.py`"
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        entries, target = data["budgets"], data["target"]
+        assert isinstance(entries, dict) and all(isinstance(e, dict) for e in entries.values())
+    except (ValueError, KeyError, TypeError, AssertionError):  # ValueError: not UTF-8 or not JSON
+        raise KVNestError(f"ranks file {path} is not a search.py file (an object with 'model', 'budgets' and "
+                          f"'target'); {fix}") from None
     if not made_for(data.get("model"), model):
         raise KVNestError(f"ranks file {path} was made for another model; run search.py for this model")
-    entries = data["budgets"]
-    key = f"{budget:g}" if budget is not None else data["target"]
+    key = f"{budget:g}" if budget is not None else target
     if key not in entries:
         raise KVNestError(f"ranks file {path} has no entry for budget {key}; it has {', '.join(entries)}")
-    return torch.tensor(entries[key]["k"]), torch.tensor(entries[key]["v"])
+    a = model.args
+    ranks = [entries[key].get(kind) for kind in "kv"]
+    for r in ranks:
+        if not (isinstance(r, list) and len(r) == a.n_layers and all(
+                isinstance(row, list) and len(row) == a.n_kv_heads and
+                all(type(x) is int for x in row) for row in r)):
+            raise KVNestError(f"ranks file {path}, budget {key}: 'k' and 'v' must each be {a.n_layers} lists of "
+                              f"{a.n_kv_heads} whole numbers; {fix}")
+    return torch.tensor(ranks[0]), torch.tensor(ranks[1])
 
 
 def features_from_flags(model: Transformer, projections: str, budget: float | None, ranks: str | None):

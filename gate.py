@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoints import load_checkpoint, save_checkpoint
+from checkpoints import load_checkpoint, load_into, save_checkpoint
 from errors import KVNestError
 from evict import Policy, check_keep, context_scores, flags_from_scores, received_attention
 from model import KVCache, Transformer
@@ -213,7 +213,7 @@ def load_gate(path, model: Transformer, **expected) -> tuple[Gate, dict, dict]:
                               f"train again")
     a = model.args
     gate = Gate(a.n_layers, a.n_kv_heads, a.dim, **fields)
-    gate.load_state_dict({k: tensors.pop(k) for k in ("w", "u", "c", "wq", "wk")})
+    load_into(gate, tensors, path)
     return gate.to(model.inv_freq.device), meta, tensors
 
 

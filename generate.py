@@ -7,8 +7,10 @@
 
 Text streams as it is decoded; the tokens/s and the cache's size follow on stderr.
 """
+import itertools
 import sys
 import time
+from typing import Iterable, Iterator
 
 import torch
 
@@ -17,6 +19,19 @@ from errors import KVNestError, Parser, count, number, run_cli
 from flags import add_compression_flags, add_model_flags, compression_from_flags, model_from_flags
 from kernels import Decoder
 from model import generate
+
+
+def stream(tok, tokens: Iterable[int], out: list) -> Iterator[str]:
+    """The text of `tokens` piece by piece as they arrive (each appended to `out`). A character spread over several
+    tokens (an emoji is 4 bytes of byte-level BPE) decodes to U+FFFD until its last byte: wait for it."""
+    shown = ""
+    for t in tokens:
+        out.append(t)
+        text = tok.decode(out)
+        if not text.endswith("\ufffd"):
+            yield text[len(shown):]
+            shown = text
+    yield tok.decode(out)[len(shown):]
 
 
 def main(argv=None) -> None:
@@ -50,16 +65,10 @@ def main(argv=None) -> None:
         print("kvnest: compiling the decoder block for the decode step (once per layer structure; cached on disk)",
               file=sys.stderr)
     stop = set(model.args.eos_ids) | {tok.token_id("<|im_end|>")} - {None}
-    out, shown, t0 = [], "", time.perf_counter()
-    for nxt in generate(runner, torch.tensor([ids], device=args.device), args.max_new_tokens, args.temperature, stop):
-        if int(nxt[0]) in stop:
-            break
-        out.append(int(nxt[0]))
-        text = tok.decode(out)
-        if not text.endswith("\ufffd"):  # a character spread over several tokens: wait for its last byte
-            print(text[len(shown):], end="", flush=True)
-            shown = text
-    print(tok.decode(out)[len(shown):], end="")
+    out, t0 = [], time.perf_counter()
+    tokens = generate(runner, torch.tensor([ids], device=args.device), args.max_new_tokens, args.temperature, stop)
+    for piece in stream(tok, itertools.takewhile(lambda t: t not in stop, (int(t[0]) for t in tokens)), out):
+        print(piece, end="", flush=True)
     dt = time.perf_counter() - t0
     print(f"\n[{len(out)} tokens in {dt:.2f}s: {len(out) / dt:.1f} tokens/s, KV cache "
           f"{runner.nbytes() / 2**20:.2f} MiB]", file=sys.stderr)

@@ -73,20 +73,39 @@ def optimizer_tensors(opt: torch.optim.Optimizer, names: list) -> dict:
 
 
 def load_optimizer_tensors(opt: torch.optim.Optimizer, names: list, tensors: dict) -> None:
+    """AdamW state from a checkpoint's flat tensors: complete for every parameter, or (a fresh run) absent."""
     for name, p in zip(names, opt.param_groups[0]["params"]):
         state = {k.split(".")[-1]: v.to(p.device) for k, v in tensors.items() if k.startswith(f"opt.{name}.")}
-        if state:
-            state["step"] = state["step"].float().cpu()
-            opt.state[p] = state
+        if not tensors:
+            continue
+        if set(state) != {"step", "exp_avg", "exp_avg_sq"} or state["step"].numel() != 1 or any(
+                state[k].shape != p.shape for k in ("exp_avg", "exp_avg_sq")):
+            raise KVNestError(f"--resume: the checkpoint's optimizer state of {name} is incomplete or of the wrong "
+                              f"shape; the checkpoint is damaged, train again without --resume")
+        state["step"] = state["step"].float().cpu()
+        opt.state[p] = state
 
 
-def check_resume(out: Path, meta: dict, cfg: dict) -> int:
-    """The step to continue from, after checking that the run-defining flags agree with the checkpoint's."""
-    old = meta["config"]
+def check_resume(out: Path, meta: dict, cfg: dict, extra: dict) -> int:
+    """The step to continue from, after checking that the run-defining flags agree with the checkpoint's (`extra`:
+    its optimizer tensors, there from step 1 on)."""
+    old, step = meta.get("config"), meta.get("step")
+    if not isinstance(old, dict) or not isinstance(step, int) or not 0 <= step <= cfg["steps"] or (
+            step > 0 and not extra):
+        raise KVNestError(f"--resume with {out}: it lacks a valid config, step (0 to {cfg['steps']}) or optimizer "
+                          f"state; the checkpoint is damaged, train again without --resume")
+    old = dict(old, **{k: same_file(old.get(k), cfg[k]) for k in ("data", "sft")})
     differ = ", ".join(f"{k}={old.get(k)}" for k in RUN_FLAGS if old.get(k) != cfg.get(k))
     if differ:
         raise KVNestError(f"--resume with {out}: the checkpoint was trained with {differ}; pass the same flags")
-    return meta["step"]
+    return step
+
+
+def same_file(recorded, given):
+    """`given` where both paths name the same file (one relative, one absolute), else `recorded`."""
+    if recorded and given and Path(recorded).resolve() == Path(given).resolve():
+        return given
+    return recorded
 
 
 def fit(module: torch.nn.Module, names: list, step_loss, save, cfg: dict, start: int = 0, extra: dict | None = None,
@@ -133,7 +152,7 @@ def train_matryoshka(model: Transformer, ids: torch.Tensor, cfg: dict, out: Path
     start, extra = 0, {}
     if resume and out.exists():
         proj, meta, extra = load_projections(out, model)
-        start = check_resume(out, meta, cfg)
+        start = check_resume(out, meta, cfg, extra)
     else:
         proj = pca_projections(model, calib, cfg["key_mode"])
     meta = dict(meta_extra, model=model.fingerprint(), config=cfg)
@@ -172,7 +191,7 @@ def train_gate(model: Transformer, ids: torch.Tensor | None, cfg: dict, out: Pat
     start, extra = 0, {}
     if resume and out.exists():
         gate, meta, extra = load_gate(out, model)
-        start = check_resume(out, meta, cfg)
+        start = check_resume(out, meta, cfg, extra)
     else:
         a = model.args
         gate = Gate(a.n_layers, a.n_kv_heads, a.dim, seed=cfg["seed"]).to(model.inv_freq.device)

@@ -94,3 +94,114 @@ def test_missing_cuda_is_one_line(tiny_llama, capsys):
         pytest.skip("this machine has CUDA")
     err = one_line_error("generate", ["--model", str(tiny_llama[0]), "--prompt", "w1", "--device", "cuda"], capsys)
     assert "no CUDA GPU; pass --device cpu" in err
+
+
+def write(folder, name: str, content) -> str:
+    path = folder / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return str(path)
+
+
+RANKS = {  # a ranks file's content: what it must say
+    "not JSON": ("nope", "is not a search.py file"),
+    "a list": ("[1]", "is not a search.py file"),
+    "no budgets": ('{"model": {}, "target": "0.5"}', "is not a search.py file"),
+    "ragged": ('{{"model": {fp}, "target": "0.5", "budgets": {{"0.5": {{"k": [[8, 8], [8]], "v": [[8, 8], [8, 8]]}}}}}}',
+               "must each be 2 lists of 2 whole numbers"),
+    "not whole": ('{{"model": {fp}, "target": "0.5", "budgets": {{"0.5": {{"k": [[8.5, 8], [8, 8]], '
+                  '"v": [[8, 8], [8, 8]]}}}}}}', "must each be 2 lists of 2 whole numbers"),
+    "no v": ('{{"model": {fp}, "target": "0.5", "budgets": {{"0.5": {{"k": [[8, 8], [8, 8]]}}}}}}',
+             "must each be 2 lists of 2 whole numbers"),
+}
+
+
+@pytest.fixture(scope="module")
+def projections(tiny_llama, word_text, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ckpt") / "p.safetensors"
+    run_cli(lambda: importlib.import_module("train").main(
+        ["--model", str(tiny_llama[0]), "--data", str(word_text), "--seq-len", "32", "--steps", "2", "--save-every",
+         "1", "--out", str(out), "--no-table"]))
+    return out
+
+
+@pytest.mark.parametrize("case", list(RANKS))
+def test_malformed_ranks_files_are_one_line_errors(case, tiny_llama, projections, tmp_path, capsys):
+    import json
+    from weights import load_model
+    content, message = RANKS[case]
+    fp = json.dumps(load_model(tiny_llama[0]).fingerprint())
+    ranks = write(tmp_path, "r.json", content.format(fp=fp) if "{fp}" in content else content)
+    err = one_line_error("eval", ["--model", str(tiny_llama[0]), "--seq-len", "32", "--projections",
+                                  str(projections), "--ranks", ranks], capsys)
+    assert message in err
+
+
+TEXTS = {  # a --data file: what it must say
+    "latin1.txt": (b"w1 w2 caf\xe9 w3", "is not UTF-8 text"),
+    "binary.txt": (bytes(range(256)) * 8, "is not UTF-8 text"),
+    "number.jsonl": ('{"text": 5}', "'text' string fields"),
+    "list.jsonl": ("[1, 2]", "'text' string fields"),
+    "words.csv": ("w1,w2", "neither .txt nor .jsonl"),
+}
+
+
+@pytest.mark.parametrize("name", list(TEXTS))
+def test_bad_text_files_are_one_line_errors(name, tiny_llama, tmp_path, capsys):
+    content, message = TEXTS[name]
+    data = write(tmp_path, name, content)
+    for script in ("eval", "train"):
+        assert message in one_line_error(script, ["--model", str(tiny_llama[0]), "--seq-len", "32", "--data", data],
+                                         capsys)
+
+
+def test_bad_tokenizers_and_prompts_are_one_line_errors(tiny_llama, tmp_path, capsys):
+    import shutil
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_llama[0], folder)
+    prompt = ["--prompt", b"w1 \xff".decode("utf-8", "surrogateescape")]  # what Python makes of such bytes in argv
+    assert "not valid UTF-8" in one_line_error("generate", ["--model", str(folder), *prompt], capsys)
+    write(folder, "tokenizer.json", '{"model": ')
+    assert "is not a valid tokenizer" in one_line_error("generate", ["--model", str(folder), "--prompt", "w1"],
+                                                        capsys)
+
+
+EDITS = {  # how a checkpoint is edited: what --resume must say
+    "a missing tensor": (lambda t, m: t.pop(sorted(k for k in t if not k.startswith("opt."))[0]), "is missing"),
+    "a wrong shape": (lambda t, m: t.update({k: t[k][..., :-1] for k in ["W_k", "c"] if k in t}), "of shape"),
+    "no step": (lambda t, m: m.pop("step"), "lacks a valid config, step"),
+    "a step past the end": (lambda t, m: m.update(step=10**6), "lacks a valid config, step"),
+    "no config": (lambda t, m: m.pop("config"), "lacks a valid config, step"),
+    "no optimizer state": (lambda t, m: [t.pop(k) for k in list(t) if k.startswith("opt.")], "optimizer state"),
+    "a wrong optimizer shape": (lambda t, m: t.update({k: t[k].flatten()[:3] for k in t if k.endswith("exp_avg")}),
+                                "optimizer state of"),
+}
+
+
+@pytest.mark.parametrize("method", ["matryoshka", "gate"])
+def test_edited_checkpoints_are_refused_on_resume(method, tiny_llama, word_text, tmp_path, capsys):
+    import json
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    out = tmp_path / "c.safetensors"
+    argv = ["--model", str(tiny_llama[0]), "--method", method, "--data", str(word_text), "--seq-len", "40",
+            "--steps", "2", "--save-every", "1", "--out", str(out), "--no-table"]
+    argv += ["--ctx-len", "20"] if method == "gate" else []
+    run_cli(lambda: importlib.import_module("train").main(argv))
+    capsys.readouterr()
+    with safe_open(out, "pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["kvnest"])
+    for case, (edit, message) in EDITS.items():
+        t, m = dict(tensors), json.loads(json.dumps(meta))
+        edit(t, m)
+        save_file({k: v.contiguous() for k, v in t.items()}, out, metadata={"kvnest": json.dumps(m)})
+        assert message in one_line_error("train", argv + ["--resume"], capsys), case
+
+
+def test_resume_accepts_the_same_data_by_a_relative_or_an_absolute_path(tiny_llama, word_text, tmp_path,
+                                                                          monkeypatch, capsys):
+    out = tmp_path / "c.safetensors"
+    argv = ["--model", str(tiny_llama[0]), "--seq-len", "32", "--steps", "2", "--out", str(out), "--no-table"]
+    monkeypatch.chdir(word_text.parent)
+    run_cli(lambda: importlib.import_module("train").main(argv + ["--data", word_text.name]))
+    run_cli(lambda: importlib.import_module("train").main(argv + ["--data", str(word_text), "--resume"]))
+    assert capsys.readouterr().out.count("saved") == 2

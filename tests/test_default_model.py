@@ -61,3 +61,15 @@ def test_chat_answers_paris():
                         "--max-new-tokens", "20"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
+
+
+def test_streaming_waits_for_characters_spread_over_several_tokens(default_model):
+    from generate import stream
+    tok = default_model[1]
+    text = "Reply with one emoji: 😀🚀, naïve 日本語"
+    ids = tok.encode(text)
+    assert len(ids) > len(tok.encode("Reply with one emoji: , naïve ")) + 4  # the emoji and CJK span several tokens
+    out = []
+    pieces = list(stream(tok, iter(ids), out))
+    assert out == ids and "".join(pieces) == text
+    assert not any("\ufffd" in p for p in pieces)
