@@ -26,7 +26,7 @@ import torch
 
 from compress import Projections, uniform_ranks
 from errors import KVNestError, Parser, count, ratio, run_cli
-from flags import add_model_flags, model_from_flags
+from flags import add_model_flags, check_device, model_from_flags
 from kernels import Decoder
 from model import KVCache, ModelArgs, Transformer
 
@@ -268,9 +268,9 @@ def main(argv=None):
         raise KVNestError(f"unknown kinds {sorted(set(kinds) - set(KINDS))}; choose from {', '.join(KINDS)}")
     contexts, batches = (integers(text, flag) for text, flag in ((args.contexts, "--contexts"),
                                                                  (args.batches, "--batches")))
-    torch._dynamo.config.recompile_limit = 64  # one graph per kind and batch size, each new decoder re-guards
     folder = None
     if args.shape:
+        check_device(args.device, args.dtype)
         model = random_model(args.shape, getattr(torch, args.dtype), args.device)
     else:
         model, _, folder = model_from_flags(args)

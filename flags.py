@@ -19,10 +19,31 @@ def add_model_flags(parser) -> None:
 
 def model_from_flags(args) -> tuple:
     """(model, tokenizer, folder) named by --model (or the default model), in --dtype on --device."""
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise KVNestError(f"--device {args.device}: this machine has no CUDA GPU; pass --device cpu")
+    check_device(args.device, args.dtype)
     folder = args.model or default_model_folder()
     return load_model(folder, getattr(torch, args.dtype), args.device), Tokenizer(folder), str(folder)
+
+
+def check_device(device: str, dtype: str) -> None:
+    """--device names a device this machine has, and --dtype runs there (a small matmul is tried in each)."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise KVNestError(f"--device {device} is not a device name; pass cpu or cuda") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise KVNestError(f"--device {device}: this machine has no CUDA GPU; pass --device cpu")
+    if kind == "cuda" and dtype == "bfloat16" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        raise KVNestError("--dtype bfloat16: this GPU has no bfloat16 arithmetic; pass --dtype float16 or float32")
+    for name in ("float32", dtype):
+        try:
+            a = torch.ones(8, 8, dtype=getattr(torch, name), device=device)
+            (a @ a).sum().item()
+        except (RuntimeError, AssertionError) as e:  # a backend not built in, a dtype it cannot multiply
+            why = str(e).split(". ")[0].splitlines()[0][:120]
+            if name == "float32":
+                raise KVNestError(f"--device {device} does not run here ({why}); pass --device cpu") from None
+            raise KVNestError(f"--dtype {dtype} does not run on --device {device} ({why}); pass --dtype float32") \
+                from None
 
 
 def add_compression_flags(p, sweep: bool = False) -> None:

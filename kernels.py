@@ -29,8 +29,11 @@ from evict import prefill
 from model import KVCache, Transformer
 
 # Sizes of module buffers may vary between compiled calls (caches of another context or batch): one graph with
-# symbolic sizes then serves them all, instead of one recompile each (dynamo's default keeps them static).
-DYNAMIC_BUFFERS = dict(force_parameter_static_shapes=False, force_nn_module_property_static_shapes=False)
+# symbolic sizes then serves them all, instead of one recompile each (dynamo's default keeps them static). Each
+# layer structure and dtype is still a graph of its own (of the one Block.forward), and one process may decode many
+# (bench.py runs every kind): allow more than dynamo's default of 8.
+COMPILE_CONFIG = dict(force_parameter_static_shapes=False, force_nn_module_property_static_shapes=False,
+                      recompile_limit=64)
 
 
 def compiled_forward(model: Transformer):
@@ -93,7 +96,7 @@ class Decoder:
         self.t += 1
         if self.step is None:
             return self.model(tokens, pos, self.cache)
-        with torch._dynamo.config.patch(**DYNAMIC_BUFFERS):
+        with torch._dynamo.config.patch(**COMPILE_CONFIG):
             logits = self.step(tokens, torch.tensor(pos, device=tokens.device), self.cache)
         return logits.clone()  # a CUDA graph reuses its output memory
 

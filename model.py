@@ -214,8 +214,8 @@ class LayerCache(nn.Module):
         self.groups = nn.ModuleList()
         for (r_k, r_v), heads in group_by(ranks):
             zeros = lambda *shape, t=dtype: torch.zeros(batch, len(heads), *shape, dtype=t, device=device)  # noqa
-            bases = [] if features is None else [*(torch.stack([U[h] for h in heads]).to(dtype) for U in (U_k, U_v)),
-                                                 b_v[heads].to(dtype)]  # (n, D, r_k), (n, D, r_v), (n, D)
+            bases = [] if features is None else [  # in the cache's dtype, on its device: (n, D, r_k), (n, D, r_v), (n, D)
+                *(torch.stack([U[h] for h in heads]).to(device, dtype) for U in (U_k, U_v)), b_v[heads].to(device, dtype)]
             self.groups.append(HeadGroup(heads, zeros(size, r_k), zeros(size, r_v), zeros(t=torch.long), *bases,
                                          pre_rope=pre_rope))
 

@@ -205,3 +205,18 @@ def test_resume_accepts_the_same_data_by_a_relative_or_an_absolute_path(tiny_lla
     run_cli(lambda: importlib.import_module("train").main(argv + ["--data", word_text.name]))
     run_cli(lambda: importlib.import_module("train").main(argv + ["--data", str(word_text), "--resume"]))
     assert capsys.readouterr().out.count("saved") == 2
+
+
+@pytest.mark.parametrize("device,message", [("foo", "is not a device name"), ("xpu", "does not run here")])
+def test_devices_this_machine_lacks_are_one_line(device, message, tiny_llama, capsys):
+    err = one_line_error("generate", ["--model", str(tiny_llama[0]), "--prompt", "w1", "--device", device], capsys)
+    assert message in err
+
+
+def test_a_dtype_the_gpu_cannot_run_is_one_line(tiny_llama, monkeypatch, capsys):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU without bf16 (before Ampere)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    err = one_line_error("generate", ["--model", str(tiny_llama[0]), "--prompt", "w1", "--device", "cuda",
+                                      "--dtype", "bfloat16"], capsys)
+    assert "this GPU has no bfloat16 arithmetic; pass --dtype float16" in err

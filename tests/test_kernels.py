@@ -256,10 +256,27 @@ def test_every_kind_runs_in_half_precision_close_to_fp32(tiny_llama, features, p
             assert all(t.device == half.lm_head.weight.device for t in g.buffers())
 
 
-def test_compiled_bf16_equals_eager_bf16(tiny_llama):
-    model = load_model(tiny_llama[0], dtype=torch.bfloat16)
+@pytest.mark.parametrize("features", FEATURES)
+def test_a_decoder_keeps_everything_on_the_model_device(tiny_llama, features):
+    """A model on the meta device (no data: any tensor left on the CPU is an error in the op that meets it) decodes
+    with fp32 bases made on the CPU: the cache casts and moves them, as a GPU run needs."""
+    cpu = load_model(tiny_llama[0])
+    kw = {"features": None if features is None else trained_like(cpu, features).features(*random_ranks(cpu))}
+    model = load_model(tiny_llama[0], dtype=torch.bfloat16).to("meta")
+    dec = Decoder(model, 2, compile=False, **kw)
+    x = tokens(10, batch=2).to("meta")
+    assert dec(x, 0).device.type == dec(x[:, :1], 10).device.type == "meta"
+    assert all(t.device.type == "meta" and t.dtype in (torch.bfloat16, torch.long) for t in dec.cache.buffers())
+    assert all(t.device.type == "meta" for t in dec.cache.rope or ())  # the rope table stays fp32, cast where used
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("features,policy", KINDS, ids=["full", "matryoshka", "matryoshka-pre", "eviction", "both",
+                                                          "both-pre"])
+def test_compiled_half_precision_equals_eager(tiny_llama, features, policy, dtype):
+    model = load_model(tiny_llama[0], dtype=dtype)
     x, new = tokens(20, batch=2), tokens(STEPS, batch=2, seed=1)
-    kw = setup(model, "pre_rope", "snapkv", x)
+    kw = setup(model, features, policy, x)
     ref = decode(Decoder(model, STEPS, compile=False, **kw), x, new).float()
     got = decode(Decoder(model, STEPS, **kw), x, new).float()
-    assert (got - ref).abs().max().item() <= 0.02 * ref.abs().max().item()  # bf16 rounding in fused kernels
+    assert (got - ref).abs().max().item() <= 0.02 * ref.abs().max().item()  # rounding in fused kernels
