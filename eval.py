@@ -176,6 +176,23 @@ def score_evictions(model: Transformer, windows: torch.Tensor, runs: list, ctx_l
     return results, math.exp(full_nll / n)
 
 
+@torch.no_grad()
+def score_transformers(folder, model: Transformer, windows: torch.Tensor, ctx_len: int | None, **compression) -> dict:
+    """score (ctx_len None) or score_eviction's protocol run by transformers' own model of the folder with hf.py's
+    compress_cache(**compression) attached; the reference is kvnest's full cache, as there."""
+    from transformers import AutoModelForCausalLM
+    from hf import compress_cache
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=model.lm_head.weight.dtype).to(model.inv_freq.device)
+    tally, start = Tally(), ctx_len or 1
+    for w in tqdm(windows, desc="eval through transformers", leave=False):
+        w = w[None].to(model.inv_freq.device)
+        with compress_cache(hf.eval(), **compression) as attached:
+            logits = hf(w[:, :start]).logits[0, -1:]  # (1, V): the prediction of the first scored token
+            logits = torch.cat([logits, hf(w[:, start:-1], **attached.cache_kwargs()).logits[0]]).float()
+        tally.add(model(w[:, :-1])[0, start - 1:].float(), logits, w[0, start:])
+    return tally.result()
+
+
 def eviction_table(model: Transformer, windows: torch.Tensor, gates: dict, keeps: list, ctx_len: int = 384,
                    methods=("streaming", "h2o", "snapkv", "random"), protocol=None, features=None) -> tuple:
     """Markdown rows: continuation perplexity (KL) of every method at every keep ratio; gates are scored at the
@@ -263,11 +280,18 @@ def main(argv=None):
                    "each query's recent window; with --gate-new: how many queries see a new token before it is judged)")
     p.add_argument("--gate-new", action="store_true", help="gate decoded tokens too (needs --evict gate, --window)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--transformers", action="store_true", help="score through transformers' own model with "
+                   "hf.py's compress_cache attached (needs transformers): the same figures, from its forward")
     args = p.parse_args(argv)
     eviction_flags = [f for f in ("gate_threshold", "gate_new", "protocol", "sinks", "window", "ctx_len")
                       if getattr(args, f) != p.get_default(f)]
     if eviction_flags and not (args.evict or args.evict_sweep):
         raise KVNestError(f"--{eviction_flags[0].replace('_', '-')} acts with --evict or --evict-sweep; pass one")
+    unsupported = [f for f in ("sweep", "evict_sweep", "gate_threshold", "gate_new", "protocol", "sinks", "window")
+                   if getattr(args, f) != p.get_default(f)]
+    if args.transformers and unsupported:
+        raise KVNestError(f"--transformers scores one setting evicted after the prefill; drop "
+                          f"--{unsupported[0].replace('_', '-')}")
     model, tok, folder = model_from_flags(args)
     if args.seq_len > model.args.max_seq_len:
         raise KVNestError(f"--seq-len {args.seq_len} exceeds the model's context of {model.args.max_seq_len}")
@@ -279,6 +303,12 @@ def main(argv=None):
         print(matryoshka_sweep(model, windows, args.projections, args.ranks, Path(args.out_dir)))
         return
     features, policy, keep, _ = compression_from_flags(model, args)
+    if args.transformers:
+        windows = eval_windows(tok, args.data, args.windows or (8 if args.evict else 6), args.seq_len)
+        compression = dict(projections=args.projections, budget=args.budget, ranks=args.ranks, policy=args.evict,
+                           gate=args.gate, keep=keep if args.evict else None, exact=True if args.evict else None)
+        result = score_transformers(folder, model, windows, args.ctx_len if args.evict else None, **compression)
+        return report(dict(through="transformers + hf.py", **result), args.json)
     if args.evict or args.evict_sweep:
         return eviction_main(args, model, tok, features, policy, keep)
     windows = eval_windows(tok, args.data, args.windows or 6, args.seq_len)

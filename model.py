@@ -214,8 +214,9 @@ class LayerCache(nn.Module):
         self.groups = nn.ModuleList()
         for (r_k, r_v), heads in group_by(ranks):
             zeros = lambda *shape, t=dtype: torch.zeros(batch, len(heads), *shape, dtype=t, device=device)  # noqa
-            bases = [] if features is None else [  # in the cache's dtype, on its device: (n, D, r_k), (n, D, r_v), (n, D)
-                *(torch.stack([U[h] for h in heads]).to(device, dtype) for U in (U_k, U_v)), b_v[heads].to(device, dtype)]
+            on = dict(device=device, dtype=dtype)  # the bases follow the cache: (n, D, r_k), (n, D, r_v), (n, D)
+            bases = [] if features is None else [*(torch.stack([U[h] for h in heads]).to(**on) for U in (U_k, U_v)),
+                                                 b_v[heads].to(**on)]
             self.groups.append(HeadGroup(heads, zeros(size, r_k), zeros(size, r_v), zeros(t=torch.long), *bases,
                                          pre_rope=pre_rope))
 
@@ -247,7 +248,8 @@ class LayerCache(nn.Module):
                 take = lambda buf: buf.gather(2, order[..., None].expand(-1, -1, -1, buf.shape[-1]))  # noqa: E731
                 pad = lambda t: F.pad(t, (0, 0, 0, room))  # noqa: E731
                 part = lambda t: None if t is None else t[heads]  # noqa: E731
-                pos = F.pad(order, (0, room)) if g.pre_rope else None
+                pos = None if not g.pre_rope else F.pad(order if g.pos is None else g.pos[:, heads].gather(2, order),
+                                                        (0, room))  # each kept entry's position
                 self.groups.append(HeadGroup(g.heads[heads].tolist(), pad(take(g.k[:, heads])),
                                              pad(take(g.v[:, heads])), held[:, heads].clone(), part(g.U_k),
                                              part(g.U_v), part(g.b_v), g.pre_rope, pos))

@@ -84,31 +84,54 @@ def weight_files(folder: Path) -> list:
     return files
 
 
+def stored_tensors(folder: Path, device="cpu"):
+    """(name, tensor) of every weight as stored in the folder's safetensors files."""
+    from safetensors import SafetensorError, safe_open
+    for file in weight_files(folder):
+        try:
+            with safe_open(file, framework="pt", device=str(device)) as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except (SafetensorError, OSError) as e:
+            raise KVNestError(f"cannot read {file} ({str(e).splitlines()[0]}); the file is damaged or truncated, "
+                              f"download or convert it again") from None
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    return hashlib.blake2b(t.cpu().contiguous().view(-1).view(torch.uint8).numpy(), digest_size=16).hexdigest()
+
+
+def weights_digest(digests: dict) -> str:
+    """One digest of {stored name: tensor digest}: what a checkpoint's fingerprint records of the weights."""
+    return hashlib.blake2b("".join(f"{n}:{d};" for n, d in sorted(digests.items())).encode(),
+                           digest_size=16).hexdigest()
+
+
+def kvnest_name(hf_name: str) -> str:
+    """model.layers.0.self_attn.k_proj.weight -> layers.0.attn.k_proj.weight"""
+    return hf_name.removeprefix("model.").replace("self_attn.", "attn.")
+
+
 def load_model(path, dtype=torch.float32, device="cpu") -> Transformer:
     """Load a Hugging Face folder (config.json + model.safetensors or shards with an index), no transformers."""
-    from safetensors import SafetensorError, safe_open
-
     folder = Path(path)
     if not folder.is_dir():
         raise KVNestError(f"model folder {folder} does not exist; pass --model a Hugging Face model folder")
     if not (folder / "config.json").is_file():
         raise KVNestError(f"{folder} has no config.json; pass a Hugging Face model folder")
     args = args_from_hf_config(read_json(folder / "config.json", "config.json"))
-    files = weight_files(folder)
-    if not files:
+    if not weight_files(folder):
         raise KVNestError(f"{folder} has no *.safetensors weights; convert the checkpoint to safetensors first")
     state, digests = {}, {}
-    for file in files:
-        try:
-            with safe_open(file, framework="pt", device=str(device)) as f:
-                for name in f.keys():
-                    tensor = f.get_tensor(name)
-                    digests[name] = hashlib.blake2b(tensor.cpu().contiguous().view(-1).view(torch.uint8).numpy(),
-                                                    digest_size=16).hexdigest()
-                    state[name.removeprefix("model.").replace("self_attn.", "attn.")] = tensor.to(dtype)
-        except (SafetensorError, OSError) as e:
-            raise KVNestError(f"cannot read {file} ({str(e).splitlines()[0]}); the file is damaged or truncated, "
-                              f"download or convert it again") from None
+    for name, tensor in stored_tensors(folder, device):
+        digests[name] = tensor_digest(tensor)  # of the weights as stored, whatever --dtype
+        state[kvnest_name(name)] = tensor.to(dtype)
+    return assemble(args, state, weights_digest(digests), str(folder))
+
+
+def assemble(args: ModelArgs, state: dict, digest: str | None, source: str) -> Transformer:
+    """A Transformer holding the tensors of `state` (kvnest names) themselves, no copy; refuses missing tensors
+    and shapes that disagree with the config, by name."""
     if args.tie_embeddings or "lm_head.weight" not in state:
         state["lm_head.weight"] = state.get("embed_tokens.weight")
     with torch.device("meta"):
@@ -116,14 +139,13 @@ def load_model(path, dtype=torch.float32, device="cpu") -> Transformer:
     expected = model.state_dict()
     missing = sorted(k for k in expected if state.get(k) is None)
     if missing:
-        raise KVNestError(f"weights in {folder} lack {len(missing)} tensors (first: {missing[0]}); "
+        raise KVNestError(f"weights in {source} lack {len(missing)} tensors (first: {missing[0]}); "
                           f"is this a complete {args.n_layers}-layer LLaMA/Mistral checkpoint?")
     wrong = [k for k, t in expected.items() if state[k].shape != t.shape]
     if wrong:
-        raise KVNestError(f"{folder}: {wrong[0]} has shape {tuple(state[wrong[0]].shape)} but config.json implies "
+        raise KVNestError(f"{source}: {wrong[0]} has shape {tuple(state[wrong[0]].shape)} but config.json implies "
                           f"{tuple(expected[wrong[0]].shape)}; the config and the weights disagree")
     model.load_state_dict(state, strict=False, assign=True)
-    model.digest = hashlib.blake2b("".join(f"{n}:{d};" for n, d in sorted(digests.items())).encode(),
-                                   digest_size=16).hexdigest()  # of the weights as stored, whatever --dtype
-    model.inv_freq = rope_frequencies(args).to(device)
+    model.digest = digest
+    model.inv_freq = rope_frequencies(args).to(state["lm_head.weight"].device)
     return model.eval().requires_grad_(False)

@@ -106,8 +106,8 @@ RANKS = {  # a ranks file's content: what it must say
     "not JSON": ("nope", "is not a search.py file"),
     "a list": ("[1]", "is not a search.py file"),
     "no budgets": ('{"model": {}, "target": "0.5"}', "is not a search.py file"),
-    "ragged": ('{{"model": {fp}, "target": "0.5", "budgets": {{"0.5": {{"k": [[8, 8], [8]], "v": [[8, 8], [8, 8]]}}}}}}',
-               "must each be 2 lists of 2 whole numbers"),
+    "ragged": ('{{"model": {fp}, "target": "0.5", "budgets": {{"0.5": {{"k": [[8, 8], [8]], '
+               '"v": [[8, 8], [8, 8]]}}}}}}', "must each be 2 lists of 2 whole numbers"),
     "not whole": ('{{"model": {fp}, "target": "0.5", "budgets": {{"0.5": {{"k": [[8.5, 8], [8, 8]], '
                   '"v": [[8, 8], [8, 8]]}}}}}}', "must each be 2 lists of 2 whole numbers"),
     "no v": ('{{"model": {fp}, "target": "0.5", "budgets": {{"0.5": {{"k": [[8, 8], [8, 8]]}}}}}}',

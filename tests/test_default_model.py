@@ -73,3 +73,33 @@ def test_streaming_waits_for_characters_spread_over_several_tokens(default_model
     pieces = list(stream(tok, iter(ids), out))
     assert out == ids and "".join(pieces) == text
     assert not any("\ufffd" in p for p in pieces)
+
+
+def test_transformers_with_hf_py_equals_kvnest_on_the_default_model(default_folder, default_model, tmp_path):
+    """The README's snippet: transformers' own generate inside compress_cache gives kvnest's greedy tokens, and
+    the eval protocol through it gives kvnest's figures (MatryoshkaKV 50% before RoPE + SnapKV 50%)."""
+    from transformers import AutoModelForCausalLM
+    from assets import chatml
+    from compress import pca_projections, save_projections, uniform_ranks
+    from eval import score_eviction, score_transformers
+    from evict import SnapKV
+    from hf import compress_cache
+    from kernels import Decoder
+    from model import generate
+    model, tok = default_model
+    train, ev = default_halves()
+    proj = pca_projections(model, token_windows(tok.encode(train), 512, 2), "pre_rope")
+    save_projections(tmp_path / "p.safetensors", proj, {"model": model.fingerprint()})
+    args = dict(projections=tmp_path / "p.safetensors", budget=0.5, policy="snapkv", keep=0.5)
+    hf = AutoModelForCausalLM.from_pretrained(default_folder, dtype=torch.float32).eval()
+    prompt = torch.tensor([tok.encode(chatml("What is the capital of France?"))])
+    with torch.no_grad(), compress_cache(hf, **args):
+        out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False)
+    features = proj.features(*uniform_ranks(model, 0.5))
+    ref = torch.stack(list(generate(Decoder(model, 12, features, SnapKV(), 0.5, compile=False), prompt, 12)), 1)
+    assert torch.equal(out[:, prompt.shape[1]:], ref)
+    windows = token_windows(tok.encode(ev), 512, 2)
+    mine = score_eviction(model, windows, SnapKV(), 0.5, features=features)
+    theirs = score_transformers(default_folder, model, windows, 384, **args)
+    assert theirs["perplexity"] == pytest.approx(mine["perplexity"], rel=1e-5)
+    assert theirs["kl"] == pytest.approx(mine["kl"], rel=1e-4, abs=1e-6)

@@ -1,0 +1,184 @@
+"""hf.py against kvnest's own model: a transformers model inside compress_cache gives the same next-token logits
+and greedy generations as kvnest's decoder with the same checkpoints and settings, for every cache kind, on tiny
+random Llama and Mistral models; its cache holds the bytes kvnest reports; left padding equals each prompt alone."""
+import pytest
+import torch
+
+from compress import save_projections, uniform_ranks
+from errors import KVNestError
+from evict import baseline
+from gate import Gate, calibrate_gate, load_gate, save_gate
+from hf import compress_cache, kvnest_view
+from kernels import Decoder
+from model import KVCache, generate
+from evict import prefill
+from weights import load_model
+from test_compress import tokens, trained_like
+from test_kernels import decode
+
+STEPS = 5
+KINDS = {  # name: compress_cache arguments (file names stand for the checkpoints made below)
+    "full": {},
+    "matryoshka": dict(projections="post", budget=0.5),
+    "matryoshka-pre": dict(projections="pre", budget=0.5),
+    **{name: dict(policy=name, keep=0.5) for name in ("streaming", "h2o", "snapkv", "random")},
+    "gate": dict(policy="gate", gate="gate", keep=0.5),
+    "both": dict(projections="post", budget=0.5, policy="snapkv", keep=0.5),
+    "both-pre-gate": dict(projections="pre", budget=0.5, policy="gate", gate="gate", keep=0.5),
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tiny_llama, tiny_mistral, tmp_path_factory):
+    """Projections (keys after and before RoPE) and a calibrated gate for each tiny model, as train.py writes."""
+    out = {}
+    for name, (folder, _) in (("llama", tiny_llama), ("mistral", tiny_mistral)):
+        model, tmp = load_model(folder), tmp_path_factory.mktemp(name)
+        meta = {"model": model.fingerprint()}
+        files = {mode[:-5] if mode.endswith("_rope") else mode: tmp / f"{mode}.safetensors"
+                 for mode in ("post_rope", "pre_rope")}
+        for mode, path in zip(("post_rope", "pre_rope"), files.values()):
+            save_projections(path, trained_like(model, mode), meta)
+        gate = Gate(model.args.n_layers, model.args.n_kv_heads, model.args.dim)
+        calibrate_gate(model, gate, tokens(24), 0.5)
+        save_gate(tmp / "gate.safetensors", gate, meta)
+        out[name] = {**files, "gate": tmp / "gate.safetensors"}
+    return out
+
+
+def arguments(kind: str, files: dict) -> dict:
+    return {k: files[v] if k in ("projections", "gate") else v for k, v in KINDS[kind].items()}
+
+
+def kvnest_settings(model, args: dict) -> dict:
+    """The same settings as Decoder arguments, from the same files."""
+    from compress import load_projections
+    kw = {}
+    if "projections" in args:
+        proj = load_projections(args["projections"], model)[0]
+        kw["features"] = proj.features(*uniform_ranks(model, args["budget"]))
+    if "policy" in args:
+        kw["policy"] = load_gate(args["gate"], model)[0] if args["policy"] == "gate" else baseline(args["policy"])
+        kw["keep"], kw["exact"] = args["keep"], True if args["policy"] == "gate" else None  # as the scripts
+    return kw
+
+
+def hf_model(folder):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def hf_generate(model, x, mask=None):
+    out = model.generate(x, attention_mask=torch.ones_like(x) if mask is None else mask, max_new_tokens=STEPS + 1,
+                         do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+    return out.sequences[:, x.shape[1]:], torch.stack(out.logits, 1)  # (B, STEPS + 1), (B, STEPS + 1, V)
+
+
+@pytest.mark.parametrize("arch,kind", [("llama", k) for k in KINDS] +
+                         [("mistral", k) for k in ("full", "matryoshka", "matryoshka-pre")])
+def test_generate_through_hf_equals_kvnest(arch, kind, checkpoints, tiny_llama, tiny_mistral):
+    folder = {"llama": tiny_llama, "mistral": tiny_mistral}[arch][0]
+    model, hf, x = load_model(folder), hf_model(folder), tokens(20)
+    args = arguments(kind, checkpoints[arch])
+    with torch.no_grad(), compress_cache(hf, **args):
+        new, logits = hf_generate(hf, x)
+    kw = kvnest_settings(model, args)
+    ref = decode(Decoder(model, STEPS, compile=False, **kw), x, new[:, :-1])  # teacher-forced on hf's tokens
+    assert (logits - ref).abs().max().item() <= 1e-4
+    greedy = torch.stack(list(generate(Decoder(model, STEPS + 1, compile=False, **kw), x, STEPS + 1)), 1)
+    assert torch.equal(greedy, new)
+
+
+@pytest.mark.parametrize("kind", ["full", "matryoshka-pre", "snapkv", "gate", "both-pre-gate"])
+def test_left_padding_equals_each_prompt_alone(kind, checkpoints, tiny_llama):
+    model, hf = load_model(tiny_llama[0]), hf_model(tiny_llama[0])
+    args, long, short = arguments(kind, checkpoints["llama"]), tokens(20, 1), tokens(13, 1, seed=3)
+    x = torch.cat([long, torch.cat([torch.zeros(1, 7, dtype=torch.long), short], 1)])
+    mask = torch.cat([torch.ones(1, 20), torch.cat([torch.zeros(1, 7), torch.ones(1, 13)], 1)]).long()
+    with torch.no_grad(), compress_cache(hf, **args):
+        new, logits = hf_generate(hf, x, mask)
+    kw = kvnest_settings(model, args)
+    for b, prompt in enumerate((long, short)):
+        ref = decode(Decoder(model, STEPS, compile=False, **kw), prompt, new[b: b + 1, :-1])
+        assert (logits[b: b + 1] - ref).abs().max().item() <= 1e-4, b
+
+
+@pytest.mark.parametrize("kind,fraction", [("full", 1), ("matryoshka", 0.5), ("snapkv", 0.5), ("both", 0.25),
+                                           ("both-pre-gate", None)])
+def test_cache_bytes_after_the_prefill_are_kvnest_bytes(kind, fraction, checkpoints, tiny_llama):
+    model, hf, x = load_model(tiny_llama[0]), hf_model(tiny_llama[0]), tokens(20)
+    args = arguments(kind, checkpoints["llama"])
+    with torch.no_grad(), compress_cache(hf, **args) as attached:
+        hf(x)
+        held = sum(t.nbytes for name, t in attached.cache.kv.named_buffers()
+                   if name.split(".")[-1] in ("k", "v", "pos"))  # what the entries occupy
+    kw = kvnest_settings(model, args)
+    cache = KVCache(model, 2, 20, kw.get("features"))
+    with torch.no_grad():
+        if "policy" in kw:
+            prefill(model, x, cache, kw["policy"], kw["keep"], exact=kw["exact"])
+        else:
+            model(x, 0, cache)
+    assert held == attached.cache.nbytes() == cache.nbytes()
+    if fraction is not None:
+        assert held == fraction * KVCache(model, 2, 20).nbytes()
+
+
+def test_the_view_has_the_fingerprint_of_kvnest_s_own_load(tiny_llama):
+    assert kvnest_view(hf_model(tiny_llama[0])).fingerprint() == load_model(tiny_llama[0]).fingerprint()
+
+
+def test_bad_use_is_a_kvnest_error(checkpoints, tiny_llama, tiny_mistral, tmp_path):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    hf, files = hf_model(tiny_llama[0]), checkpoints["llama"]
+    cases = [(dict(projections=checkpoints["mistral"]["post"], budget=0.5), "made for another model"),
+             (dict(projections=files["post"], budget=1.5), "outside (0, 1]"),
+             (dict(projections=files["post"]), "need a budget"),
+             (dict(policy="h2o", keep=0.0), "outside (0, 1]"),
+             (dict(policy="gate"), "needs gate="),
+             (dict(keep=0.5), "pass policy too"),
+             (dict(policy="nope"), "unknown eviction method")]
+    for kwargs, message in cases:
+        with pytest.raises(KVNestError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            with compress_cache(hf, **kwargs):
+                pass
+    with pytest.raises(KVNestError, match="sliding-window"):
+        with compress_cache(hf_model(tiny_mistral[0]), policy="snapkv", keep=0.5):
+            pass
+    qwen = Qwen2ForCausalLM(Qwen2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=128))
+    with pytest.raises(KVNestError, match="unsupported architecture 'qwen2'"):
+        with compress_cache(qwen):
+            pass
+    with torch.no_grad(), compress_cache(hf, policy="snapkv", keep=0.5):  # right padding is refused by name
+        with pytest.raises(KVNestError, match="not left padding"):
+            hf(tokens(6), attention_mask=torch.tensor([[1, 1, 1, 1, 0, 0]] * 2))
+    assert hf.config._attn_implementation != "kvnest"  # restored after the block
+
+
+def test_a_long_generation_grows_the_cache_and_stays_equal(checkpoints, tiny_llama):
+    """Past the prefill the buffers grow several times (by half the tokens seen); nothing moves."""
+    model, hf, x, n = load_model(tiny_llama[0]), hf_model(tiny_llama[0]), tokens(20), 90
+    args = arguments("both-pre-gate", checkpoints["llama"])
+    with torch.no_grad(), compress_cache(hf, **args) as attached:
+        out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
+                          do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+    kw = kvnest_settings(model, args)
+    ref = decode(Decoder(model, n, compile=False, **kw), x, out.sequences[:, 20:-1])
+    assert (torch.stack(out.logits, 1) - ref).abs().max().item() <= 1e-4
+    assert attached.cache.seen == 20 + n - 1 and attached.cache.free >= 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["matryoshka-pre", "both"])
+def test_half_precision_models_run_close_to_kvnest(kind, dtype, checkpoints, tiny_llama):
+    """fp32 projections meet a half-precision transformers model: the cache follows the model's dtype."""
+    from transformers import AutoModelForCausalLM
+    model, x = load_model(tiny_llama[0], dtype=dtype), tokens(20)
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama[0], dtype=dtype).eval()
+    args = arguments(kind, checkpoints["llama"])
+    with torch.no_grad(), compress_cache(hf, **args) as attached:
+        new, logits = hf_generate(hf, x)
+    assert {t.dtype for t in attached.cache.kv.buffers() if t.is_floating_point()} == {dtype}
+    ref = decode(Decoder(model, STEPS, compile=False, **kvnest_settings(model, args)), x, new[:, :-1]).float()
+    assert (logits.float() - ref).abs().max().item() <= 0.05 * ref.abs().max().item()
