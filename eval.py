@@ -180,8 +180,11 @@ def score_evictions(model: Transformer, windows: torch.Tensor, runs: list, ctx_l
 def score_transformers(folder, model: Transformer, windows: torch.Tensor, ctx_len: int | None, **compression) -> dict:
     """score (ctx_len None) or score_eviction's protocol run by transformers' own model of the folder with hf.py's
     compress_cache(**compression) attached; the reference is kvnest's full cache, as there."""
-    from transformers import AutoModelForCausalLM
-    from hf import compress_cache
+    try:
+        from transformers import AutoModelForCausalLM
+        from hf import compress_cache
+    except ImportError:
+        raise KVNestError("--transformers needs transformers; pip install transformers") from None
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=model.lm_head.weight.dtype).to(model.inv_freq.device)
     tally, start = Tally(), ctx_len or 1
     for w in tqdm(windows, desc="eval through transformers", leave=False):

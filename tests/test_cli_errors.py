@@ -61,6 +61,8 @@ COMBINATIONS = [  # (script, flags, what the error says)
     ("eval", ["--sweep"], "--sweep scores --projections"),
     ("eval", ["--evict", "h2o", "--ctx-len", "600"], "leaves no continuation"),
     ("eval", ["--seq-len", "300"], "--seq-len 300 exceeds the model's context of 256"),
+    ("eval", ["--transformers", "--evict-sweep"], "--transformers scores one setting evicted after the prefill"),
+    ("eval", ["--transformers", "--evict", "h2o", "--protocol", "inside"], "drop --protocol"),
     ("train", ["--keep", "0.3"], "--keep does not act with --method matryoshka"),
     ("train", ["--protocol", "inside"], "--protocol does not act with --method matryoshka"),
     ("train", ["--method", "gate", "--key-mode", "post_rope"], "--key-mode does not act with --method gate"),

@@ -182,3 +182,16 @@ def test_half_precision_models_run_close_to_kvnest(kind, dtype, checkpoints, tin
     assert {t.dtype for t in attached.cache.kv.buffers() if t.is_floating_point()} == {dtype}
     ref = decode(Decoder(model, STEPS, compile=False, **kvnest_settings(model, args)), x, new[:, :-1]).float()
     assert (logits.float() - ref).abs().max().item() <= 0.05 * ref.abs().max().item()
+
+
+def test_eval_py_through_transformers_prints_kvnest_s_figures(checkpoints, tiny_llama, word_text, capsys):
+    import json
+    from eval import main as eval_main
+    argv = ["--model", str(tiny_llama[0]), "--data", str(word_text), "--seq-len", "64", "--projections",
+            str(checkpoints["llama"]["pre"]), "--budget", "0.5", "--evict", "snapkv", "--ctx-len", "40", "--json"]
+    results = []
+    for extra in ([], ["--transformers"]):
+        eval_main(argv + extra)
+        results.append(json.loads(capsys.readouterr().out))
+    for key in ("perplexity", "kl", "top1"):
+        assert results[1][key] == pytest.approx(results[0][key], rel=1e-5, abs=1e-7), key
