@@ -19,6 +19,7 @@ weights, from each kind's bytes per token and the memory free on the device.
     python bench.py --contexts 1024,4096,16384,32768 --batches 1,8,32
 """
 import gc
+import inspect
 import time
 from pathlib import Path
 
@@ -110,6 +111,7 @@ def measure_peer(peer, batch: int, context: int, steps: int, compile: bool) -> t
     from transformers import StaticCache
     device = next(peer.parameters()).device
     cache = StaticCache(config=peer.config, max_cache_len=context + steps + 2)
+    name = "cache" if "cache" in inspect.signature(peer.forward).parameters else "past_key_values"  # renamed in 5.x
     step = peer.forward
     if compile:
         step = torch.compile(peer.forward, fullgraph=True, mode="reduce-overhead" if device.type == "cuda" else None)
@@ -121,8 +123,7 @@ def measure_peer(peer, batch: int, context: int, steps: int, compile: bool) -> t
             sync()
             t0 = time.perf_counter()
         pos = torch.tensor([context + i], device=device)
-        step(input_ids=tok, past_key_values=cache, cache_position=pos, position_ids=pos.expand(batch, 1),
-             use_cache=True)
+        step(input_ids=tok, cache_position=pos, position_ids=pos.expand(batch, 1), use_cache=True, **{name: cache})
     sync()
     kv = sum(t.nbytes for layer in cache.layers for t in (layer.keys, layer.values))
     return (time.perf_counter() - t0) / steps, kv

@@ -1,0 +1,339 @@
+"""Long-context retrieval: what a compressed cache forgets, measured on tasks generated from a seed.
+
+Perplexity on a continuation averages over many easy predictions; retrieval asks for one fact from far back. These
+tasks follow RULER (Hsieh et al., 2024), generated in code (nothing is downloaded), deterministic from a seed, at
+any length up to the model's context:
+
+  needle       a word-key/number pair hidden at a depth of repeated filler sentences; ask for the number
+  needle_text  the same, hidden in real text (the eval half of the pydoc topics)
+  multikey     four pairs with different keys; ask for one of them
+  multivalue   four numbers for one key; ask for all of them
+  vartrack     a chain of assignments VAR A = 12345, VAR B = A, ... spread over the filler; name every variable
+               that holds the value
+  words        a list of words in which ten appear far more often than the rest; name those ten
+
+Each prompt is the default model's chat turn: the context, then the question and the start of the answer. The
+answer is decoded greedily from the (compressed) cache, and scored as RULER does: the fraction of the expected
+strings found in it (so 0 or 1 for a single needle). Two protocols: query-agnostic (the context alone is
+prefilled and compressed, then the question is read from the compressed cache: kvpress's pipeline; a cache
+compressed once must serve any question) and query-aware (context and question are prefilled together and then
+compressed: SnapKV's observation window sees the question).
+
+    python retrieval.py --quick                        # 1k tokens, 4 samples per task: minutes on 2 cores
+    python retrieval.py --lengths 4096,8192 --samples 50 --gate runs/gate.safetensors \\
+        --projections runs/matryoshka.safetensors       # the full table (hours on 2 cores)
+    python retrieval.py --heatmap --lengths 1024,2048,4096 --gate runs/gate.safetensors   # depth x length
+"""
+import copy
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from assets import chatml, default_halves
+from compress import load_projections, uniform_ranks
+from errors import KVNestError, Parser, count, ratio, run_cli
+from eval import plot_curves
+from evict import BASELINES, Protocol, baseline, scoring_hooks
+from flags import add_model_flags, model_from_flags
+from gate import load_gate
+from model import KVCache
+
+TASKS = ("needle", "needle_text", "multikey", "multivalue", "vartrack", "words")
+FILLER = ["The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again."]
+KEYS = ["apple", "river", "candle", "marble", "violin", "garden", "rocket", "pepper", "silver", "tiger", "window",
+        "orange", "castle", "pencil", "forest", "bottle", "planet", "mirror", "ladder", "anchor"]
+COMPRESSIONS = (0.25, 0.5, 0.75, 0.875)
+FAILED = 0.5  # a task the full cache scores below this is reported but left out of the averages
+
+
+@dataclass
+class Sample:
+    context: str
+    question: str
+    prefix: str  # the start of the answer, as RULER's templates give it
+    answers: list
+
+
+def sentences(haystack: str) -> list:
+    if haystack == "filler":
+        return FILLER
+    text = re.sub(r"\s+", " ", default_halves()[1])
+    return [s.strip() + "." for s in text.split(". ") if len(s.split()) > 3]
+
+
+def fill(tok, length: int, inserts: list, depths: list, haystack: str, rng: random.Random) -> str:
+    """About `length` tokens of haystack sentences with the insert sentences at the given depths (fractions)."""
+    pool, out, n = sentences(haystack), [], sum(len(tok.encode(" " + s)) for s in inserts)
+    start = 0 if haystack == "filler" else rng.randrange(len(pool))
+    while n < length:
+        s = pool[(start + len(out)) % len(pool)]
+        out.append(s)
+        n += len(tok.encode(" " + s))
+    for s, d in sorted(zip(inserts, depths), key=lambda p: -p[1]):
+        out.insert(round(d * len(out)), s)
+    return " ".join(out)
+
+
+def build(task: str, tok, length: int, seed: int, depth: float | None = None) -> Sample:
+    """One sample of `task` with a prompt of about `length` tokens, the same for the same seed (and needle depth)."""
+    if task not in TASKS:
+        raise KVNestError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    rng = random.Random(f"{task}:{length}:{seed}")
+    keys, values = rng.sample(KEYS, 4), [str(rng.randint(1_000_000, 9_999_999)) for _ in range(4)]
+    needle = "One of the special magic numbers for {} is: {}."
+    question = f"What is the special magic number for {keys[0]} mentioned in the provided text?"
+    prefix = f"The special magic number for {keys[0]} mentioned in the provided text is"
+    if task == "multivalue":
+        question, prefix = (f"What are all the special magic numbers for {keys[0]} mentioned in the provided text?",
+                            f"The special magic numbers for {keys[0]} mentioned in the provided text are")
+    if task == "vartrack":
+        names = ["".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(5)) for _ in range(4)]
+        value = str(rng.randint(10000, 99999))
+        question = f"Find all variables that are assigned the value {value} in the text above."
+        prefix = (f"According to the chain of variable assignments in the text above, {len(names)} variables are "
+                  f"assigned the value {value}, they are:")
+    if task == "words":
+        question = "What are the 10 most common words in the above list?"
+        prefix = "The top 10 words that appear most often in the list are:"
+    room = length - len(tok.encode(chatml(f"\n\n{question}") + prefix))  # tokens left for the context
+    if room < 50:
+        raise KVNestError(f"length {length} is too short for a retrieval prompt; use at least 200 tokens")
+    if task in ("needle", "needle_text"):
+        d = rng.random() if depth is None else depth
+        context = fill(tok, room, [needle.format(keys[0], values[0])], [d], task[7:] or "filler", rng)
+        return Sample(context, question, prefix, values[:1])
+    if task in ("multikey", "multivalue"):
+        named = keys if task == "multikey" else [keys[0]] * 4
+        context = fill(tok, room, [needle.format(k, v) for k, v in zip(named, values)],
+                       [rng.random() for _ in keys], "filler", rng)
+        return Sample(context, question, prefix, values[:1] if task == "multikey" else values)
+    if task == "vartrack":
+        chain = [f"VAR {names[0]} = {value}."] + [f"VAR {b} = {a}." for a, b in zip(names, names[1:])]
+        context = fill(tok, room, chain, sorted(rng.random() for _ in chain), "filler", rng)
+        return Sample(context, question, prefix, names)
+    vocab = sorted(set(re.findall(r"\b[a-z]{5,9}\b", default_halves()[1])))
+    n = room // 4  # list items; each "12. word" is about 4 tokens, corrected once below
+    for _ in range(2):
+        words = rng.sample(vocab, 10 + n)
+        common, times = words[:10], max(3, n // 25)  # ten words `times` times each, the rest once
+        items = [w for w in common for _ in range(times)] + words[10: max(10, n - 10 * times + 10)]
+        random.Random(seed).shuffle(items)
+        context = " ".join(f"{i + 1}. {w}" for i, w in enumerate(items))
+        n = max(40, round(n * room / len(tok.encode(context))))
+    return Sample(context, question, prefix, common)
+
+
+def prompt(tok, s: Sample) -> tuple[list, list]:
+    """(context ids, question ids): the chat turn cut after the context, so that the context can be compressed
+    before the question is read."""
+    full = chatml(f"{s.context}\n\n{s.question}") + s.prefix
+    context = full[: full.index(s.context) + len(s.context)]
+    return tok.encode(context), tok.encode(full[len(context):])
+
+
+def score(output: str, answers: list) -> float:
+    """RULER's string_match_all: the fraction of the expected strings found in the output (case-insensitive)."""
+    return sum(a.lower() in output.lower() for a in answers) / len(answers)
+
+
+@torch.no_grad()
+def answer_all(model, tok, s: Sample, runs: dict, aware: bool, max_new: int) -> dict:
+    """{run: decoded answer}. runs = {name: (features, policy, keep)}; runs with the same features share one
+    prefill, which scores the prompt for every policy at once (evict.py's hooks), then each run evicts its own copy
+    of the cache after the prefill and decodes greedily from it."""
+    ctx, question = prompt(tok, s)
+    prefilled, rest = (ctx + question, []) if aware else (ctx, question)
+    size = len(ctx) + len(question) + max_new
+    out = {}
+    for features in {id(f): f for f, _, _ in runs.values()}.values():
+        group = {n: (p, k) for n, (f, p, k) in runs.items() if f is features}
+        scores = {n: [None] * model.args.n_layers for n, (p, _) in group.items() if p is not None}
+        hooks = [h for n, (p, k) in group.items() if p is not None
+                 for h in scoring_hooks(model, scores[n].__setitem__, p, k, Protocol(), False, before=False)]
+        cache = KVCache(model, 1, size, features)
+        try:
+            x = torch.tensor([prefilled], device=model.inv_freq.device)
+            logits = model(x, 0, cache)
+        finally:
+            for h in hooks:
+                h.remove()
+        for name, (policy, keep) in group.items():
+            c = copy.deepcopy(cache)
+            if policy is not None:
+                for layer, f in zip(c.layers, policy.flags(scores[name], keep, True, False)):
+                    layer.compact(f, size - len(prefilled))
+            out[name] = decode(model, tok, c, logits, rest, len(prefilled), max_new)
+    return out
+
+
+def decode(model, tok, cache, logits, rest: list, pos: int, max_new: int) -> str:
+    device = model.inv_freq.device
+    if rest:  # the question, read from the compressed cache
+        logits, pos = model(torch.tensor([rest], device=device), pos, cache), pos + len(rest)
+    ids, stop = [], set(model.args.eos_ids) | {tok.token_id("<|im_end|>")} - {None}
+    for _ in range(max_new):
+        ids.append(int(logits[0, -1].argmax()))
+        if ids[-1] in stop:
+            break
+        logits, pos = model(torch.tensor([ids[-1:]], device=device), pos, cache), pos + 1
+    return tok.decode(ids)
+
+
+MAX_NEW = {"needle": 16, "needle_text": 16, "multikey": 16, "multivalue": 48, "vartrack": 32, "words": 64}
+
+
+def runs_for(model, compressions, methods, gate, projections) -> dict:
+    """{name: (features, policy, keep)}: the full cache, then each method at each compression (the fraction of the
+    cache's bytes removed). MatryoshkaKV cuts ranks to the budget 1 - c; both axes split it evenly, budget = keep =
+    sqrt(1 - c), with SnapKV (or the gate, if given)."""
+    runs = {"full": (None, None, 1.0)}
+    proj = load_projections(projections, model)[0] if projections else None
+    policies = {m: baseline(m) for m in methods}
+    if gate:
+        policies["gate"] = load_gate(gate, model)[0]
+    for c in compressions:
+        kept = 1 - c
+        runs.update({f"{m} {c:.1%}": (None, p, kept) for m, p in policies.items()})
+        if proj is not None:
+            with torch.no_grad():
+                runs[f"matryoshka {c:.1%}"] = (proj.features(*uniform_ranks(model, kept)), None, 1.0)
+                both = proj.features(*uniform_ranks(model, kept ** 0.5))
+            runs[f"both {c:.1%}"] = (both, policies.get("gate", baseline("snapkv")), kept ** 0.5)
+    return runs
+
+
+def evaluate(model, tok, tasks, lengths, samples: int, runs: dict, protocols, seed: int) -> dict:
+    """{(length, protocol): {run: {task: mean score}}} over `samples` samples per task."""
+    results = {}
+    cells = [(n, p, t, i) for n in lengths for p in protocols for t in tasks for i in range(samples)]
+    for length, protocol, task, i in tqdm(cells, desc="retrieval"):
+        s = build(task, tok, length, seed * 100_003 + i)
+        for name, text in answer_all(model, tok, s, runs, protocol == "aware", MAX_NEW[task]).items():
+            cell = results.setdefault((length, protocol), {}).setdefault(name, {}).setdefault(task, [])
+            cell.append(score(text, s.answers))
+    return {k: {n: {t: sum(v) / len(v) for t, v in per.items()} for n, per in r.items()} for k, r in results.items()}
+
+
+def table(results: dict, tasks, samples: int) -> str:
+    """Markdown: a block per (length, protocol), a row per run, the average over the tasks the full cache can do."""
+    lines = []
+    for (length, protocol), r in results.items():
+        able = [t for t in tasks if r["full"][t] >= FAILED]
+        lines += [f"\n**{length} tokens, query-{protocol}** ({samples} samples per cell; average over "
+                  f"{', '.join(able) or 'no task'}" + (f"; the full cache fails {', '.join(sorted(set(tasks) - set(able)))}"
+                                                       if len(able) < len(tasks) else "") + ")\n",
+                  f"| method | {' | '.join(tasks)} | average |", "|---" * (len(tasks) + 2) + "|"]
+        for name, per in r.items():
+            avg = sum(per[t] for t in able) / len(able) if able else float("nan")
+            lines.append(f"| {name} | " + " | ".join(f"{per[t]:.0%}" for t in tasks) + f" | {avg:.0%} |")
+    return "\n".join(lines)
+
+
+def heatmap(model, tok, lengths, depths, runs: dict, samples: int, seed: int, out: Path) -> str:
+    """Needle accuracy by depth x length for each run (query-agnostic): markdown and one PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    grid = {n: torch.zeros(len(depths), len(lengths)) for n in runs}
+    cells = [(j, length, i, d) for j, length in enumerate(lengths) for i, d in enumerate(depths) for _ in [0]]
+    for j, length, i, d in tqdm(cells, desc="heatmap"):
+        for k in range(samples):
+            s = build("needle", tok, length, seed * 100_003 + k, depth=d)
+            for name, text in answer_all(model, tok, s, runs, False, MAX_NEW["needle"]).items():
+                grid[name][i, j] += score(text, s.answers) / samples
+    fig, axes = plt.subplots(1, len(runs), figsize=(3.2 * len(runs), 3), squeeze=False)
+    lines = []
+    for ax, (name, g) in zip(axes[0], grid.items()):
+        ax.imshow(g.numpy(), vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        ax.set(title=name, xticks=range(len(lengths)), xticklabels=lengths, yticks=range(len(depths)),
+               yticklabels=[f"{d:.0%}" for d in depths], xlabel="tokens", ylabel="depth")
+        lines += [f"\n**{name}** (needle accuracy; rows: depth, columns: tokens)\n",
+                  "| depth | " + " | ".join(map(str, lengths)) + " |", "|---" * (len(lengths) + 1) + "|"]
+        lines += [f"| {d:.0%} | " + " | ".join(f"{v:.0%}" for v in g[i].tolist()) + " |" for i, d in enumerate(depths)]
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    return "\n".join(lines)
+
+
+def integers(text: str, flag: str) -> list:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 200:
+        raise KVNestError(f"{flag} {text!r}: pass whole numbers >= 200, comma-separated")
+    return values
+
+
+def main(argv=None):
+    p = Parser(description="Long-context retrieval (RULER-style tasks generated from a seed) for the full cache "
+               "and every compression method.")
+    add_model_flags(p)
+    p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, from {', '.join(TASKS)}")
+    p.add_argument("--lengths", default="4096,8192", help="prompt tokens, comma-separated")
+    p.add_argument("--samples", type=count, default=50, help="samples per task, length and protocol")
+    p.add_argument("--methods", default=",".join(BASELINES), help="eviction baselines, comma-separated (or none)")
+    p.add_argument("--gate", help="gate checkpoint (train.py --method gate) to include")
+    p.add_argument("--projections", help="MatryoshkaKV checkpoint to include (alone and with eviction)")
+    p.add_argument("--compressions", default=",".join(map(str, COMPRESSIONS)), help="fractions of the cache's "
+                   "bytes removed, comma-separated")
+    p.add_argument("--protocols", default="agnostic,aware", help="agnostic (compress before the question), aware")
+    p.add_argument("--quick", action="store_true", help="1024 tokens, 4 samples, compressions 50%% and 75%%")
+    p.add_argument("--heatmap", action="store_true", help="needle accuracy by depth x length at 50%% compression")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", default="runs")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.lengths, args.samples, args.compressions = "1024", 4, "0.5,0.75"
+    tasks = [t for t in args.tasks.split(",") if t]
+    methods = [m for m in args.methods.split(",") if m and m != "none"]
+    protocols = [x for x in args.protocols.split(",") if x]
+    for what, given, known in (("--tasks", tasks, TASKS), ("--methods", methods, BASELINES),
+                               ("--protocols", protocols, ("agnostic", "aware"))):
+        if not given or set(given) - set(known):
+            raise KVNestError(f"{what}: unknown {sorted(set(given) - set(known)) or 'empty'}; choose from "
+                              f"{', '.join(known)}")
+    try:
+        compressions = [ratio(c) for c in args.compressions.split(",")]
+    except Exception:
+        compressions = []
+    if not compressions or max(compressions) >= 1:
+        raise KVNestError(f"--compressions {args.compressions!r}: pass fractions in (0, 1), comma-separated")
+    lengths = integers(args.lengths, "--lengths")
+    model, tok, _ = model_from_flags(args)
+    longest = max(lengths) + max(MAX_NEW[t] for t in tasks)
+    if longest > model.args.max_seq_len:
+        raise KVNestError(f"--lengths: {max(lengths)} tokens and the answer ({longest} in all) exceed the model's "
+                          f"context of {model.args.max_seq_len}; pass shorter lengths")
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.heatmap:
+        runs = runs_for(model, [0.5], methods, args.gate, None)
+        text = heatmap(model, tok, lengths, [0.0, 0.25, 0.5, 0.75, 1.0], runs, args.samples, args.seed,
+                       out / "retrieval_heatmap.png")
+        (out / "retrieval_heatmap.md").write_text(text + "\n")
+        return print(text)
+    runs = runs_for(model, compressions, methods, args.gate, args.projections)
+    results = evaluate(model, tok, tasks, lengths, args.samples, runs, protocols, args.seed)
+    text = table(results, tasks, args.samples)
+    (out / "retrieval.md").write_text(text + "\n")
+    (out / "retrieval.json").write_text(json.dumps({f"{n} {p}": r for (n, p), r in results.items()}, indent=1))
+    for (length, protocol), r in results.items():
+        able = [t for t in tasks if r["full"][t] >= FAILED] or tasks
+        curves = {}
+        for name, per in r.items():
+            if name != "full":
+                method, c = name.rsplit(" ", 1)
+                curves.setdefault(method, {})[float(c[:-1]) / 100] = sum(per[t] for t in able) / len(able)
+        plot_curves(curves, "compression (fraction of the cache removed)", "retrieval accuracy",
+                    f"{length} tokens, query-{protocol}", out / f"retrieval_{length}_{protocol}.png")
+    print(text)
+
+
+if __name__ == "__main__":
+    run_cli(main)
