@@ -19,7 +19,7 @@ prefilled and compressed, then the question is read from the compressed cache: k
 compressed once must serve any question) and query-aware (context and question are prefilled together and then
 compressed: SnapKV's observation window sees the question).
 
-    python retrieval.py --quick                        # 1k tokens, 4 samples per task: minutes on 2 cores
+    python retrieval.py --quick                        # 1k tokens, 2 samples per task: minutes on 2 cores
     python retrieval.py --lengths 4096,8192 --samples 50 --gate runs/gate.safetensors \\
         --projections runs/matryoshka.safetensors       # the full table (hours on 2 cores)
     python retrieval.py --heatmap --lengths 1024,2048,4096 --gate runs/gate.safetensors   # depth x length
@@ -143,13 +143,13 @@ def score(output: str, answers: list) -> float:
 
 @torch.no_grad()
 def answer_all(model, tok, s: Sample, runs: dict, aware: bool, max_new: int) -> dict:
-    """{run: decoded answer}. runs = {name: (features, policy, keep)}; runs with the same features share one
-    prefill, which scores the prompt for every policy at once (evict.py's hooks), then each run evicts its own copy
-    of the cache after the prefill and decodes greedily from it."""
+    """{run: decoded answer}. runs = {name: (features, policy, keep)}. Runs with the same features share one
+    prefill, which scores the prompt for every policy at once (evict.py's hooks); the cache is then repeated along
+    the batch, one row per run, each row evicted by its own flags (LayerCache.compact keeps per row what its flags
+    say), and the runs decode together as one batch."""
     ctx, question = prompt(tok, s)
     prefilled, rest = (ctx + question, []) if aware else (ctx, question)
-    size = len(ctx) + len(question) + max_new
-    out = {}
+    size, device, out = len(ctx) + len(question) + max_new, model.inv_freq.device, {}
     for features in {id(f): f for f, _, _ in runs.values()}.values():
         group = {n: (p, k) for n, (f, p, k) in runs.items() if f is features}
         scores = {n: [None] * model.args.n_layers for n, (p, _) in group.items() if p is not None}
@@ -157,34 +157,46 @@ def answer_all(model, tok, s: Sample, runs: dict, aware: bool, max_new: int) -> 
                  for h in scoring_hooks(model, scores[n].__setitem__, p, k, Protocol(), False, before=False)]
         cache = KVCache(model, 1, size, features)
         try:
-            x = torch.tensor([prefilled], device=model.inv_freq.device)
-            logits = model(x, 0, cache)
+            logits = model(torch.tensor([prefilled], device=device), 0, cache)[:, -1:]
         finally:
             for h in hooks:
                 h.remove()
-        for name, (policy, keep) in group.items():
-            c = copy.deepcopy(cache)
-            if policy is not None:
-                for layer, f in zip(c.layers, policy.flags(scores[name], keep, True, False)):
-                    layer.compact(f, size - len(prefilled))
-            out[name] = decode(model, tok, c, logits, rest, len(prefilled), max_new)
+        flags = [policy.flags(scores[n], keep, True, False) if policy is not None else None
+                 for n, (policy, keep) in group.items()]  # [run][layer] (1, H_kv, T) or None: keep all
+        for i, layer in enumerate(cache.layers):
+            rows = [torch.ones_like(layer.groups[0].k[:, :1, : len(prefilled), 0]).expand(
+                -1, model.args.n_kv_heads, -1) if f is None else f[i] for f in flags]
+            for g in layer.groups:
+                g.k, g.v, g.length = (t.expand(len(rows), *t.shape[1:]).clone() for t in (g.k, g.v, g.length))
+            layer.compact(torch.cat(rows), size - len(prefilled))  # (R, H_kv, T): one row per run
+        answers = decode(model, tok, cache, logits.expand(len(rows), -1, -1), rest, len(prefilled), max_new,
+                         s.answers)
+        out.update(zip(group, answers))
     return out
 
 
-def decode(model, tok, cache, logits, rest: list, pos: int, max_new: int) -> str:
-    device = model.inv_freq.device
+def decode(model, tok, cache, logits, rest: list, pos: int, max_new: int, answers: list) -> list:
+    """Read the rest of the prompt (if any) in every row, then decode greedily up to max_new tokens; a row stops
+    at the end of the turn, or once every answer is there (its score can then only stay 1). -> text per row"""
+    R, device = logits.shape[0], model.inv_freq.device
     if rest:  # the question, read from the compressed cache
-        logits, pos = model(torch.tensor([rest], device=device), pos, cache), pos + len(rest)
-    ids, stop = [], set(model.args.eos_ids) | {tok.token_id("<|im_end|>")} - {None}
+        logits = model(torch.tensor([rest] * R, device=device), pos, cache)
+        pos += len(rest)
+    ids, done, stop = [[] for _ in range(R)], [False] * R, set(model.args.eos_ids) | {tok.token_id("<|im_end|>")}
     for _ in range(max_new):
-        ids.append(int(logits[0, -1].argmax()))
-        if ids[-1] in stop:
+        nxt = logits[:, -1].argmax(-1).tolist()
+        for r in range(R):
+            if not done[r]:
+                ids[r].append(nxt[r])
+                done[r] = nxt[r] in stop or score(tok.decode(ids[r]), answers) == 1
+        if all(done):
             break
-        logits, pos = model(torch.tensor([ids[-1:]], device=device), pos, cache), pos + 1
-    return tok.decode(ids)
+        logits = model(torch.tensor(nxt, device=device)[:, None], pos, cache)
+        pos += 1
+    return [tok.decode(i) for i in ids]
 
 
-MAX_NEW = {"needle": 16, "needle_text": 16, "multikey": 16, "multivalue": 48, "vartrack": 32, "words": 64}
+MAX_NEW = {"needle": 12, "needle_text": 12, "multikey": 12, "multivalue": 40, "vartrack": 28, "words": 40}
 
 
 def runs_for(model, compressions, methods, gate, projections) -> dict:
@@ -283,13 +295,13 @@ def main(argv=None):
     p.add_argument("--compressions", default=",".join(map(str, COMPRESSIONS)), help="fractions of the cache's "
                    "bytes removed, comma-separated")
     p.add_argument("--protocols", default="agnostic,aware", help="agnostic (compress before the question), aware")
-    p.add_argument("--quick", action="store_true", help="1024 tokens, 4 samples, compressions 50%% and 75%%")
+    p.add_argument("--quick", action="store_true", help="1024 tokens, 2 samples, compression 50%%")
     p.add_argument("--heatmap", action="store_true", help="needle accuracy by depth x length at 50%% compression")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default="runs")
     args = p.parse_args(argv)
     if args.quick:
-        args.lengths, args.samples, args.compressions = "1024", 4, "0.5,0.75"
+        args.lengths, args.samples, args.compressions = "1024", 2, "0.5"
     tasks = [t for t in args.tasks.split(",") if t]
     methods = [m for m in args.methods.split(",") if m and m != "none"]
     protocols = [x for x in args.protocols.split(",") if x]
