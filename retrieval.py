@@ -24,7 +24,7 @@ compressed: SnapKV's observation window sees the question).
         --projections runs/matryoshka.safetensors       # the full table (hours on 2 cores)
     python retrieval.py --heatmap --lengths 1024,2048,4096 --gate runs/gate.safetensors   # depth x length
 """
-import copy
+import functools
 import json
 import random
 import re
@@ -59,7 +59,9 @@ class Sample:
     answers: list
 
 
+@functools.cache
 def sentences(haystack: str) -> list:
+    """The haystack's sentences: the filler, or the eval half of the pydoc topics ("text")."""
     if haystack == "filler":
         return FILLER
     text = re.sub(r"\s+", " ", default_halves()[1])
@@ -236,9 +238,10 @@ def table(results: dict, tasks, samples: int) -> str:
     lines = []
     for (length, protocol), r in results.items():
         able = [t for t in tasks if r["full"][t] >= FAILED]
+        failed = [t for t in tasks if t not in able]
         lines += [f"\n**{length} tokens, query-{protocol}** ({samples} samples per cell; average over "
-                  f"{', '.join(able) or 'no task'}" + (f"; the full cache fails {', '.join(sorted(set(tasks) - set(able)))}"
-                                                       if len(able) < len(tasks) else "") + ")\n",
+                  f"{', '.join(able) or 'no task'}" + (f"; the full cache fails {', '.join(failed)}" if failed else "")
+                  + ")\n",
                   f"| method | {' | '.join(tasks)} | average |", "|---" * (len(tasks) + 2) + "|"]
         for name, per in r.items():
             avg = sum(per[t] for t in able) / len(able) if able else float("nan")
@@ -300,6 +303,13 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default="runs")
     args = p.parse_args(argv)
+    given = [f for f in ("lengths", "samples", "compressions") if getattr(args, f) != p.get_default(f)]
+    if args.quick and (given or args.heatmap):
+        raise KVNestError(f"--quick sets --lengths, --samples and --compressions; drop "
+                          f"{'--heatmap' if args.heatmap else '--' + given[0]}")
+    unused = [f for f in ("projections", "tasks", "protocols", "compressions") if getattr(args, f) != p.get_default(f)]
+    if args.heatmap and unused:
+        raise KVNestError(f"--heatmap scores the needle at 50% compression, query-agnostic; drop --{unused[0]}")
     if args.quick:
         args.lengths, args.samples, args.compressions = "1024", 2, "0.5"
     tasks = [t for t in args.tasks.split(",") if t]

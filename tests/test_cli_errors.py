@@ -15,6 +15,7 @@ NUMERIC = {  # script: flags that take a number
     "search": ["--budget", "--calib-windows", "--calib-len", "--step", "--min-rank", "--per-round"],
     "passkey": ["--length", "--keep", "--samples", "--budget"],
     "bench": ["--steps", "--rounds", "--budget", "--keep"],
+    "retrieval": ["--samples"],
 }
 REQUIRED = {"generate": ["--prompt", "w1"], "search": ["--projections", "p.safetensors"]}
 BAD = ["abc", "nan", "inf", "-1"]  # not a number, not finite, negative: refused by every numeric flag
@@ -76,6 +77,12 @@ COMBINATIONS = [  # (script, flags, what the error says)
     ("passkey", ["--methods", "gate"], "unknown gate; choose from"),
     ("passkey", ["--budget", "0.5"], "pass --projections too"),
     ("passkey", ["--length", "300"], "exceeds the model's context of 256"),
+    ("retrieval", ["--lengths", "100"], "pass whole numbers >= 200"),
+    ("retrieval", ["--lengths", "250"], "exceed the model's context of 256"),
+    ("retrieval", ["--tasks", "needle,nope"], "--tasks: unknown ['nope']"),
+    ("retrieval", ["--compressions", "0.5,1"], "pass fractions in (0, 1)"),
+    ("retrieval", ["--quick", "--samples", "3"], "--quick sets --lengths, --samples and --compressions; drop --samples"),
+    ("retrieval", ["--heatmap", "--projections", "p.safetensors"], "--heatmap scores the needle"),
     ("bench", ["--kinds", "full,nope"], "unknown kinds"),
     ("bench", ["--contexts", "1024,x"], "--contexts '1024,x': pass whole numbers"),
     ("bench", ["--batches", "0"], "pass whole numbers >= 1"),
