@@ -127,6 +127,9 @@ class Attachment:
         """Before a forward of tokens (B, T): a new cache for a prefill, room for T more after it."""
         self.cache, (B, T) = cache, tokens.shape
         self.T, self.x, self.k_pre, self.scores = T, {}, {}, {}
+        if cache.seen + T > self.view.args.max_seq_len:
+            raise KVNestError(f"{cache.seen + T} tokens exceed the model's context of {self.view.args.max_seq_len}; "
+                              f"pass a shorter prompt or fewer new tokens")
         if cache.seen:
             if B != cache.kv.layers[0].groups[0].k.shape[0]:
                 raise KVNestError(f"a batch of {B} continues a cache of another batch size; start a new generation")

@@ -153,6 +153,9 @@ def test_bad_use_is_a_kvnest_error(checkpoints, tiny_llama, tiny_mistral, tmp_pa
     with torch.no_grad(), compress_cache(hf, policy="snapkv", keep=0.5):  # right padding is refused by name
         with pytest.raises(KVNestError, match="not left padding"):
             hf(tokens(6), attention_mask=torch.tensor([[1, 1, 1, 1, 0, 0]] * 2))
+    with torch.no_grad(), compress_cache(hf):
+        with pytest.raises(KVNestError, match="257 tokens exceed the model's context of 256"):
+            hf(tokens(257, 1))
     assert hf.config._attn_implementation != "kvnest"  # restored after the block
 
 
