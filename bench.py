@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from compress import Projections, uniform_ranks
-from errors import KVNestError, Parser, count, ratio, run_cli
+from errors import KVNestError, Parser, count, integers, ratio, run_cli
 from flags import add_model_flags, check_device, model_from_flags
 from kernels import Decoder
 from model import KVCache, ModelArgs, Transformer
@@ -209,17 +209,6 @@ def bench(model: Transformer, contexts: list, batches: list, steps: int, budget:
             gc.collect()
         bar.write(f"{kind} {context} x {batch}: {row.get('step_s', 0):.4f} s per step (fastest so far)")
     return list(rows.values())
-
-
-def integers(text: str, flag: str) -> list:
-    """A comma-separated list of whole numbers >= 1."""
-    try:
-        values = [int(x) for x in text.split(",")]
-    except ValueError:
-        values = []
-    if not values or min(values) < 1:
-        raise KVNestError(f"{flag} {text!r}: pass whole numbers >= 1, separated by commas")
-    return values
 
 
 def capacity(per_token: dict, batches: list, device) -> dict:

@@ -92,3 +92,14 @@ def count(text: str, least: int = 1) -> int:
 def size(text: str) -> int:
     """argparse type: a whole number >= 0."""
     return count(text, least=0)
+
+
+def integers(text: str, flag: str, least: int = 1) -> list:
+    """A comma-separated list of whole numbers >= least (a flag such as --contexts 1024,4096)."""
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < least:
+        raise KVNestError(f"{flag} {text!r}: pass whole numbers >= {least}, separated by commas")
+    return values

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from assets import chatml, default_halves
 from compress import load_projections, uniform_ranks
-from errors import KVNestError, Parser, count, ratio, run_cli
+from errors import KVNestError, Parser, count, integers, ratio, run_cli
 from eval import plot_curves
 from evict import BASELINES, Protocol, baseline, scoring_hooks
 from flags import add_model_flags, model_from_flags
@@ -275,16 +275,6 @@ def heatmap(model, tok, lengths, depths, runs: dict, samples: int, seed: int, ou
     return "\n".join(lines)
 
 
-def integers(text: str, flag: str) -> list:
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        values = []
-    if not values or min(values) < 200:
-        raise KVNestError(f"{flag} {text!r}: pass whole numbers >= 200, comma-separated")
-    return values
-
-
 def main(argv=None):
     p = Parser(description="Long-context retrieval (RULER-style tasks generated from a seed) for the full cache "
                "and every compression method.")
@@ -326,7 +316,7 @@ def main(argv=None):
         compressions = []
     if not compressions or max(compressions) >= 1:
         raise KVNestError(f"--compressions {args.compressions!r}: pass fractions in (0, 1), comma-separated")
-    lengths = integers(args.lengths, "--lengths")
+    lengths = integers(args.lengths, "--lengths", least=200)
     model, tok, _ = model_from_flags(args)
     longest = max(lengths) + max(MAX_NEW[t] for t in tasks)
     if longest > model.args.max_seq_len:
