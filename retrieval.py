@@ -244,8 +244,8 @@ def table(results: dict, tasks, samples: int) -> str:
                   + ")\n",
                   f"| method | {' | '.join(tasks)} | average |", "|---" * (len(tasks) + 2) + "|"]
         for name, per in r.items():
-            avg = sum(per[t] for t in able) / len(able) if able else float("nan")
-            lines.append(f"| {name} | " + " | ".join(f"{per[t]:.0%}" for t in tasks) + f" | {avg:.0%} |")
+            avg = f"{sum(per[t] for t in able) / len(able):.0%}" if able else "n/a"
+            lines.append(f"| {name} | " + " | ".join(f"{per[t]:.0%}" for t in tasks) + f" | {avg} |")
     return "\n".join(lines)
 
 

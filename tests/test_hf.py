@@ -198,3 +198,12 @@ def test_eval_py_through_transformers_prints_kvnest_s_figures(checkpoints, tiny_
         results.append(json.loads(capsys.readouterr().out))
     for key in ("perplexity", "kl", "top1"):
         assert results[1][key] == pytest.approx(results[0][key], rel=1e-5, abs=1e-7), key
+
+
+def test_eval_through_transformers_without_transformers_is_one_line(tiny_llama, monkeypatch):
+    import sys
+    from eval import score_transformers
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if it were not installed
+    monkeypatch.delitem(sys.modules, "hf", raising=False)
+    with pytest.raises(KVNestError, match="--transformers needs transformers; pip install transformers"):
+        score_transformers(tiny_llama[0], load_model(tiny_llama[0]), tokens(32, 1), None)
