@@ -170,10 +170,11 @@ def load_ranks(path, model: Transformer, budget: float | None = None) -> tuple[t
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
         entries, target = data["budgets"], data["target"]
-        assert isinstance(entries, dict) and all(isinstance(e, dict) for e in entries.values())
-    except (ValueError, KeyError, TypeError, AssertionError):  # ValueError: not UTF-8 or not JSON
+    except (ValueError, KeyError, TypeError):  # ValueError: not UTF-8 or not JSON
+        entries = target = None
+    if not isinstance(entries, dict) or not all(isinstance(e, dict) for e in entries.values()):
         raise KVNestError(f"ranks file {path} is not a search.py file (an object with 'model', 'budgets' and "
-                          f"'target'); {fix}") from None
+                          f"'target'); {fix}")
     if not made_for(data.get("model"), model):
         raise KVNestError(f"ranks file {path} was made for another model; run search.py for this model")
     key = f"{budget:g}" if budget is not None else target

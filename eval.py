@@ -187,12 +187,12 @@ def score_transformers(folder, model: Transformer, windows: torch.Tensor, ctx_le
         raise KVNestError("--transformers needs transformers; pip install transformers") from None
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=model.lm_head.weight.dtype).to(model.inv_freq.device)
     tally, start = Tally(), ctx_len or 1
-    for w in tqdm(windows, desc="eval through transformers", leave=False):
-        w = w[None].to(model.inv_freq.device)
-        with compress_cache(hf.eval(), **compression) as attached:
-            logits = hf(w[:, :start]).logits[0, -1:]  # (1, V): the prediction of the first scored token
+    with compress_cache(hf.eval(), **compression) as attached:
+        for w in tqdm(windows, desc="eval through transformers", leave=False):
+            w = w[None].to(model.inv_freq.device)
+            logits = hf(w[:, :start]).logits[0, -1:]  # a new cache: (1, V), the prediction of the first scored token
             logits = torch.cat([logits, hf(w[:, start:-1], **attached.cache_kwargs()).logits[0]]).float()
-        tally.add(model(w[:, :-1])[0, start - 1:].float(), logits, w[0, start:])
+            tally.add(model(w[:, :-1])[0, start - 1:].float(), logits, w[0, start:])
     return tally.result()
 
 

@@ -23,6 +23,7 @@ Checkpoints trained by train.py apply unchanged: `kvnest_view` makes a kvnest Tr
 model's own tensors (no copy), fingerprinted with the digest of the weights stored in the folder it came from.
 transformers is needed by this file only.
 """
+import functools
 import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -38,7 +39,8 @@ from errors import KVNestError
 from evict import baseline, check_evictable, check_keep
 from gate import load_gate
 from model import KVCache, Transformer
-from weights import args_from_hf_config, assemble, kvnest_name, stored_tensors, tensor_digest, weights_digest
+from weights import (args_from_hf_config, assemble, kvnest_name, stored_tensors, tensor_digest, weight_files,
+                     weights_digest)
 
 ATTACHED = {}  # attention module -> (Attachment, layer index), while compress_cache is active
 
@@ -48,10 +50,19 @@ def kvnest_view(model) -> Transformer:
     with the digest of the weights stored in the folder the model was loaded from."""
     args = args_from_hf_config(model.config.to_dict())
     folder = Path(model.name_or_path or "")
-    digest = (weights_digest({n: tensor_digest(t) for n, t in stored_tensors(folder)})
-              if folder.is_dir() and (folder / "config.json").is_file() else None)
+    digest = None
+    if folder.is_dir() and (folder / "config.json").is_file():
+        files = tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in weight_files(folder))
+        digest = stored_digest(folder, files)
     state = {kvnest_name(n): t.detach() for n, t in model.state_dict().items()}
     return assemble(args, state, digest, str(folder))
+
+
+@functools.lru_cache(maxsize=8)
+def stored_digest(folder: Path, files: tuple) -> str:
+    """The digest of the weights stored in a folder, read once per version of its files (`files`: each one's path,
+    modification time and size), not every time compress_cache is entered."""
+    return weights_digest({n: tensor_digest(t) for n, t in stored_tensors(folder)})
 
 
 class KVNestLayer(CacheLayerMixin):

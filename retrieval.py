@@ -166,8 +166,8 @@ def answer_all(model, tok, s: Sample, runs: dict, aware: bool, max_new: int) -> 
         flags = [policy.flags(scores[n], keep, True, False) if policy is not None else None
                  for n, (policy, keep) in group.items()]  # [run][layer] (1, H_kv, T) or None: keep all
         for i, layer in enumerate(cache.layers):
-            rows = [torch.ones_like(layer.groups[0].k[:, :1, : len(prefilled), 0]).expand(
-                -1, model.args.n_kv_heads, -1) if f is None else f[i] for f in flags]
+            rows = [torch.ones(1, model.args.n_kv_heads, len(prefilled), device=device) if f is None else f[i]
+                    for f in flags]
             for g in layer.groups:
                 g.k, g.v, g.length = (t.expand(len(rows), *t.shape[1:]).clone() for t in (g.k, g.v, g.length))
             layer.compact(torch.cat(rows), size - len(prefilled))  # (R, H_kv, T): one row per run

@@ -74,10 +74,10 @@ def optimizer_tensors(opt: torch.optim.Optimizer, names: list) -> dict:
 
 def load_optimizer_tensors(opt: torch.optim.Optimizer, names: list, tensors: dict) -> None:
     """AdamW state from a checkpoint's flat tensors: complete for every parameter, or (a fresh run) absent."""
+    if not tensors:
+        return
     for name, p in zip(names, opt.param_groups[0]["params"]):
         state = {k.split(".")[-1]: v.to(p.device) for k, v in tensors.items() if k.startswith(f"opt.{name}.")}
-        if not tensors:
-            continue
         if set(state) != {"step", "exp_avg", "exp_avg_sq"} or state["step"].numel() != 1 or any(
                 state[k].shape != p.shape for k in ("exp_avg", "exp_avg_sq")):
             raise KVNestError(f"--resume: the checkpoint's optimizer state of {name} is incomplete or of the wrong "
