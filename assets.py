@@ -7,7 +7,8 @@ model.safetensors, tokenizer.json) once, atomically, under $KVNEST_CACHE (defaul
 
 Text: Python's own `pydoc_data.topics`: sorted topic names, even positions = train half, odd positions = eval half,
 each half its topics joined by blank lines. Nothing trains or calibrates on the eval half. Users may pass a .txt
-file (one document) or a .jsonl file (one document per line, field `text`) instead.
+file (one document) or a .jsonl file (one document per line, field `text`) instead; training mixes several, each
+`FILE:WEIGHT` (`default` names the default text), weights the shares of windows drawn from each.
 
 Tokenizers: a model folder's `tokenizer.json` (through `tokenizers`) or `tokenizer.model` (sentencepiece).
 """
@@ -200,8 +201,9 @@ def read_jsonl(p: Path, fields: tuple) -> list[tuple]:
 
 
 def load_text(path: str | None, split: str) -> str:
-    """The `split` ("train" or "eval") half of the default text, or the documents of a .txt / .jsonl file."""
-    if path is None:
+    """The `split` ("train" or "eval") half of the default text (path None or "default"), or the documents of a
+    .txt / .jsonl file."""
+    if path in (None, "default"):
         return default_halves()[0 if split == "train" else 1]
     p = Path(path)
     if not p.is_file():
@@ -211,6 +213,25 @@ def load_text(path: str | None, split: str) -> str:
     if p.suffix != ".txt":
         raise KVNestError(f"data file {p} is neither .txt nor .jsonl; convert it to one of these")
     return read_utf8(p)
+
+
+def data_weight(spec: str) -> tuple[str, float]:
+    """`FILE:WEIGHT` -> (FILE, WEIGHT); a spec without a numeric suffix is a path of weight 1."""
+    path, _, tail = spec.rpartition(":")
+    try:
+        weight = float(tail)
+    except ValueError:
+        return spec, 1.0
+    if not path or not 0 < weight < float("inf"):
+        raise KVNestError(f"--data {spec}: the weight after ':' must be a positive number, as in text.txt:2")
+    return path, weight
+
+
+def load_mix(specs: list[str] | None, split: str) -> list[tuple[str, float]]:
+    """(text, weight) of each training source, `FILE[:WEIGHT]` ("default" names the default text's half); the
+    weights are the shares of training windows drawn from each source."""
+    pairs = [data_weight(s) for s in specs or ["default"]]
+    return [(load_text(path, split), weight) for path, weight in pairs]
 
 
 def load_pairs(path: str) -> list[tuple[str, str]]:
@@ -224,10 +245,18 @@ def load_pairs(path: str) -> list[tuple[str, str]]:
     return pairs
 
 
-def token_windows(ids: list[int], length: int, count: int | None = None) -> torch.Tensor:
+def token_windows(ids, length: int, count: int | None = None) -> torch.Tensor:
     """The first `count` non-overlapping windows of `length` tokens. (N, length)"""
     n = len(ids) // length if count is None else min(count, len(ids) // length)
     if n == 0 or (count is not None and n < count):
         raise KVNestError(f"the text has {len(ids)} tokens, too few for {count or 1} windows of {length}; "
                           f"pass more text or fewer/shorter windows")
-    return torch.tensor(ids[: n * length]).view(n, length)
+    return torch.as_tensor(ids[: n * length]).view(n, length)
+
+
+def mixed_windows(sources: list, length: int, count: int) -> torch.Tensor:
+    """`count` windows from sources of (token ids, weight), the first windows of each, shared by weight (at least
+    one from each source): calibration for PCA and the rank search. (N, length)"""
+    total = sum(w for _, w in sources)
+    shares = [max(1, round(count * w / total)) for _, w in sources]
+    return torch.cat([token_windows(ids, length, n) for (ids, _), n in zip(sources, shares)])

@@ -51,6 +51,11 @@ def ratio(text: str) -> float:
     return value
 
 
+def ratios(text: str) -> list:
+    """argparse type: comma-separated fractions in (0, 1], such as 0.25,0.5."""
+    return [ratio(x) for x in text.split(",")]
+
+
 def number(text: str) -> float:
     """argparse type: a finite number."""
     try:

@@ -36,12 +36,17 @@ from model import KVCache, Transformer
 N_FEATURES = 6  # snap, snap pooled, mean received (H2O), log distance to end, sink, own reduced attention
 
 
-def joint_flags(scores: list, keep: float) -> list:
-    """A gate at an exact keep ratio: one threshold over all (layer, head, token) logits of each sequence."""
+def joint_flags(scores: list, keep: float, straight_through: bool = False) -> list:
+    """A gate at an exact keep ratio: one threshold over all (layer, head, token) logits of each sequence. The
+    keep ratio acts as that threshold, so one gate serves every keep; training at keep ratios drawn per step
+    (train.py --keeps) uses the straight-through estimator around it (backward: d sigmoid(z - threshold))."""
     z = torch.stack(scores, 1)  # (B, L, H_kv, T)
     n = max(1, round(z[0].numel() * keep))
-    thr = z.flatten(1).topk(n, dim=-1).values[:, -1]  # (B,)
-    return list((z >= thr[:, None, None, None]).float().unbind(1))
+    thr = z.detach().flatten(1).topk(n, dim=-1).values[:, -1][:, None, None, None]  # (B, 1, 1, 1)
+    hard = (z >= thr).float()
+    if straight_through:
+        hard = hard + torch.sigmoid(z - thr) - torch.sigmoid(z - thr).detach()  # = hard exactly
+    return list(hard.unbind(1))
 
 
 class Gate(nn.Module, Policy):
@@ -87,7 +92,7 @@ class Gate(nn.Module, Policy):
 
     def flags(self, scores, keep, exact, train):
         """Exact: one threshold over all the given layers and heads (n = keep of their entries); else z >= 0."""
-        return joint_flags(scores, keep) if exact else flags_from_scores(scores, keep, False, straight_through=train)
+        return joint_flags(scores, keep, train) if exact else flags_from_scores(scores, keep, False, train)
 
     def score(self, layer, x, q, k, keep):
         f = self.features(layer, x.float(), q.detach(), k.detach())  # (B, H_kv, T, F)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from assets import load_text, token_windows
+from assets import load_mix, mixed_windows
 from compress import Projections, budget_of, load_projections
 from errors import KVNestError, Parser, check_ratio, count, ratio, run_cli
 from eval import SWEEP_BUDGETS
@@ -60,6 +60,13 @@ class SuffixRunner:
         return kl_and_top1(self.ref, self.run(start, keep_inputs))[0].mean().item()
 
 
+def check_per_round(model: Transformer, per_round: int) -> None:
+    units = 2 * model.args.n_layers * model.args.n_kv_heads  # a K and a V rank per (layer, KV head)
+    if not 1 <= per_round < units:
+        raise KVNestError(f"{per_round} decrements per round: pass 1 to {units - 1} (this model has {units} ranks; "
+                          f"{units} or more would lower every rank each round, i.e. uniform ranks)")
+
+
 @torch.no_grad()
 def greedy_search(model: Transformer, proj: Projections, windows: torch.Tensor, target: float, step: int,
                   per_round: int, record: tuple = SWEEP_BUDGETS, min_rank: int | None = None) -> dict:
@@ -71,8 +78,7 @@ def greedy_search(model: Transformer, proj: Projections, windows: torch.Tensor, 
     min_rank = step if min_rank is None else min_rank
     if not 1 <= min_rank <= D:
         raise KVNestError(f"minimum rank {min_rank} is outside [1, head_dim={D}]")
-    if per_round < 1:
-        raise KVNestError(f"{per_round} decrements per round would never reach the budget; pass 1 or more")
+    check_per_round(model, per_round)
     ranks = {"k": torch.full((a.n_layers, a.n_kv_heads), D), "v": torch.full((a.n_layers, a.n_kv_heads), D)}
     total = 2 * a.n_layers * a.n_kv_heads * D
     floor = 2 * a.n_layers * a.n_kv_heads * min_rank / total
@@ -156,19 +162,24 @@ def main(argv=None):
     p.add_argument("--projections", required=True, help="MatryoshkaKV checkpoint from train.py")
     p.add_argument("--budget", type=ratio, default=0.25, help="target budget in (0, 1]; the sweep budgets above "
                    "it are recorded on the way")
-    p.add_argument("--data", help="calibration .txt/.jsonl (default: the train half of pydoc topics)")
+    p.add_argument("--data", nargs="+", help="calibration .txt/.jsonl files, FILE or FILE:WEIGHT as train.py "
+                   "takes them (default: the train half of pydoc topics)")
     p.add_argument("--calib-windows", type=count, default=1)
     p.add_argument("--calib-len", type=count, default=256)
     p.add_argument("--step", type=count, default=None, help="rank decrement (default head_dim / 8)")
     p.add_argument("--min-rank", type=count, default=None, help="lowest rank a head may get (default: --step)")
-    p.add_argument("--per-round", type=count, default=64, help="decrements per round (1 = the exact greedy)")
+    p.add_argument("--per-round", type=count, default=None, help="decrements per round (1 = the exact greedy; "
+                   "default 64, at most half the model's K and V ranks)")
     p.add_argument("--out", default="runs/ranks.json")
     args = p.parse_args(argv)
     model, tok, folder = model_from_flags(args)
     if args.calib_len > model.args.max_seq_len:
         raise KVNestError(f"--calib-len {args.calib_len} exceeds the model's context of {model.args.max_seq_len}")
+    args.per_round = args.per_round or min(64, model.args.n_layers * model.args.n_kv_heads)
+    check_per_round(model, args.per_round)
     proj, _, _ = load_projections(args.projections, model)
-    windows = token_windows(tok.encode(load_text(args.data, "train")), args.calib_len, args.calib_windows)
+    sources = [(tok.encode(text), w) for text, w in load_mix(args.data, "train")]
+    windows = mixed_windows(sources, args.calib_len, args.calib_windows)
     step = args.step or max(1, model.args.head_dim // 8)
     with torch.no_grad():
         found = greedy_search(model, proj, windows, args.budget, step, args.per_round, min_rank=args.min_rank)

@@ -15,19 +15,23 @@ with JSON metadata, written atomically; at the end a budget table compares PCA w
 
 Attention-Gate (Zeng et al., 2024): only the gate trains, on the same loss over the continuation of each window
 after its context was evicted by the gate's straight-through flags, plus keep_weight * (kept - keep)^2.
+`--keeps 0.125,0.25,0.5,0.75` trains one gate for every keep, the Matryoshka idea on the token axis: each step
+draws a keep ratio from the list, and the flags are the exact top fraction of the gate's logits (one threshold over
+all layers and heads, as eval.py scores a gate), so the keep ratio acts as the gate's threshold.
 `--protocol inside` evicts inside the prefill (the paper's protocol); `--sft pairs.jsonl` trains on prompt/answer
 pairs instead of text windows: the prompt is evicted and the loss is on the answer.
 """
 import math
+import statistics
 import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from assets import load_pairs, load_text, token_windows
+from assets import data_weight, load_mix, load_pairs, mixed_windows
 from compress import KEY_MODES, Projections, load_projections, pca_projections, save_projections, uniform_ranks
-from errors import KVNestError, Parser, count, nonnegative, positive, ratio, run_cli
+from errors import KVNestError, Parser, count, nonnegative, positive, ratio, ratios, run_cli
 from eval import SWEEP_BUDGETS, eval_windows, eviction_table, score
 from evict import Protocol, prefill
 from flags import add_model_flags, model_from_flags
@@ -38,7 +42,7 @@ from model import KVCache, Transformer
 # Flags that define what is trained; a resumed run must agree on them.
 RUN_FLAGS = ("method", "key_mode", "seq_len", "batch", "lr", "warmup", "clip", "kl_weight", "ce_weight",
              "rank_step", "seed", "steps", "calib_windows", "data", "keep", "keep_weight", "ctx_len",
-             "protocol", "sft")
+             "protocol", "sft", "keeps")
 
 
 def lr_at(step: int, steps: int, lr: float, warmup: float) -> float:
@@ -49,12 +53,23 @@ def lr_at(step: int, steps: int, lr: float, warmup: float) -> float:
     return lr * 0.5 * (1 + math.cos(math.pi * (step - n_warm) / max(1, steps - n_warm)))
 
 
-def sample_batch(ids: torch.Tensor, batch: int, seq_len: int, gen: torch.Generator) -> torch.Tensor:
-    """`batch` random windows of seq_len + 1 tokens (inputs and next-token targets). (B, T+1)"""
-    if len(ids) <= seq_len + 1:
-        raise KVNestError(f"training text has {len(ids)} tokens, too few for windows of {seq_len}; pass more text")
-    starts = torch.randint(0, len(ids) - seq_len - 1, (batch,), generator=gen)
-    return torch.stack([ids[s: s + seq_len + 1] for s in starts.tolist()])
+def sample_batch(sources: list, batch: int, seq_len: int, gen: torch.Generator) -> torch.Tensor:
+    """`batch` random windows of seq_len + 1 tokens (inputs and next-token targets), each from a source (ids,
+    weight) drawn by weight (one source: no draw, so a single text samples as it always has). (B, T+1)"""
+    short = [len(ids) for ids, _ in sources if len(ids) <= seq_len + 1]
+    if short:
+        raise KVNestError(f"training text has {short[0]} tokens, too few for windows of {seq_len}; pass more text")
+    if len(sources) == 1:  # one text samples as it always has
+        ids = sources[0][0]
+        starts = torch.randint(0, len(ids) - seq_len - 1, (batch,), generator=gen).tolist()
+        return torch.stack([ids[s: s + seq_len + 1] for s in starts])
+    weights = torch.tensor([float(w) for _, w in sources])
+    windows = []
+    for i in torch.multinomial(weights, batch, True, generator=gen).tolist():
+        ids = sources[i][0]
+        start = int(torch.randint(0, len(ids) - seq_len - 1, (1,), generator=gen))
+        windows.append(ids[start: start + seq_len + 1])
+    return torch.stack(windows)
 
 
 def sample_ranks(model: Transformer, step: int, gen: torch.Generator) -> torch.Tensor:
@@ -102,9 +117,14 @@ def check_resume(out: Path, meta: dict, cfg: dict, extra: dict) -> int:
 
 
 def same_file(recorded, given):
-    """`given` where both paths name the same file (one relative, one absolute), else `recorded`."""
-    if recorded and given and Path(recorded).resolve() == Path(given).resolve():
-        return given
+    """`given` where both name the same files (one path relative, one absolute; lists of FILE:WEIGHT entry by
+    entry), else `recorded`."""
+    if isinstance(recorded, list) and isinstance(given, list) and len(recorded) == len(given):
+        return given if all(same_file(r, g) == g for r, g in zip(recorded, given)) else recorded
+    if isinstance(recorded, str) and isinstance(given, str):
+        (r, rw), (g, gw) = data_weight(recorded), data_weight(given)
+        if rw == gw and Path(r).resolve() == Path(g).resolve():
+            return given
     return recorded
 
 
@@ -146,9 +166,10 @@ def autocast_for(model: Transformer):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=model.inv_freq.device.type == "cuda")
 
 
-def train_matryoshka(model: Transformer, ids: torch.Tensor, cfg: dict, out: Path, meta_extra: dict,
+def train_matryoshka(model: Transformer, sources: list, cfg: dict, out: Path, meta_extra: dict,
                      resume: bool = False, calib: torch.Tensor | None = None, **fit_kw) -> Projections:
-    """Run (or continue) MatryoshkaKV distillation; returns the trained projections and leaves `out` written."""
+    """Run (or continue) MatryoshkaKV distillation on windows of the sources, (token ids, weight) pairs; returns
+    the trained projections and leaves `out` written."""
     start, extra = 0, {}
     if resume and out.exists():
         proj, meta, extra = load_projections(out, model)
@@ -158,7 +179,7 @@ def train_matryoshka(model: Transformer, ids: torch.Tensor, cfg: dict, out: Path
     meta = dict(meta_extra, model=model.fingerprint(), config=cfg)
 
     def step_loss(step, gen):
-        x = sample_batch(ids, cfg["batch"], cfg["seq_len"], gen).to(model.inv_freq.device)
+        x = sample_batch(sources, cfg["batch"], cfg["seq_len"], gen).to(model.inv_freq.device)
         inputs, targets = x[:, :-1], x[:, 1:]
         ranks = sample_ranks(model, cfg["rank_step"], gen), sample_ranks(model, cfg["rank_step"], gen)
         with torch.no_grad(), autocast_for(model):
@@ -174,21 +195,22 @@ def train_matryoshka(model: Transformer, ids: torch.Tensor, cfg: dict, out: Path
     return proj
 
 
-def train_gate(model: Transformer, ids: torch.Tensor | None, cfg: dict, out: Path, meta_extra: dict,
+def train_gate(model: Transformer, sources: list | None, cfg: dict, out: Path, meta_extra: dict,
                resume: bool = False, pairs: list | None = None, **fit_kw) -> Gate:
-    """Run (or continue) Attention-Gate training on windows of text (ids: a ctx_len-token context, then the
-    continuation) or, for supervised fine-tuning, on one (prompt, answer) pair of token lists per step (the prompt
-    is the context). The context is evicted after the prefill (or inside it: cfg["protocol"]) by the gate's flags
-    (straight-through); the continuation's predictions, from the context's last one on, are distilled from the full
-    model; and keep_weight * (kept fraction - keep)^2 pulls the kept fraction toward --keep."""
+    """Run (or continue) Attention-Gate training on windows of the sources ((ids, weight) pairs; each window a
+    ctx_len-token context, then its continuation) or, for supervised fine-tuning, on one (prompt, answer) pair of
+    token lists per step (the prompt is the context). The context is evicted after the prefill (or inside it:
+    cfg["protocol"]) by the gate's straight-through flags; the continuation's predictions, from the context's last
+    one on, are distilled from the full model; and keep_weight * (kept fraction - keep)^2 pulls the kept fraction
+    toward --keep (with cfg["keeps"], the flags keep exactly the drawn fraction)."""
     def sample(gen):
         """(B, T + 1) tokens and the context length."""
         if pairs is None:
-            return sample_batch(ids, cfg["batch"], cfg["seq_len"], gen), cfg["ctx_len"]
+            return sample_batch(sources, cfg["batch"], cfg["seq_len"], gen), cfg["ctx_len"]
         prompt, answer = pairs[int(torch.randint(len(pairs), (1,), generator=gen))]
         return torch.tensor([prompt + answer]), len(prompt)
 
-    start, extra = 0, {}
+    start, extra, keeps = 0, {}, cfg.get("keeps")
     if resume and out.exists():
         gate, meta, extra = load_gate(out, model)
         start = check_resume(out, meta, cfg, extra)
@@ -196,22 +218,24 @@ def train_gate(model: Transformer, ids: torch.Tensor | None, cfg: dict, out: Pat
         a = model.args
         gate = Gate(a.n_layers, a.n_kv_heads, a.dim, seed=cfg["seed"]).to(model.inv_freq.device)
         calib, ctx = sample(torch.Generator().manual_seed(cfg["seed"]))
-        calibrate_gate(model, gate, calib[:, :ctx].to(model.inv_freq.device), cfg["keep"])
-    meta = dict(meta_extra, keep=cfg["keep"], model=model.fingerprint(), config=cfg)
+        start_keep = statistics.median(keeps) if keeps else cfg["keep"]
+        calibrate_gate(model, gate, calib[:, :ctx].to(model.inv_freq.device), start_keep)
+    meta = dict(meta_extra, keep=keeps or cfg["keep"], model=model.fingerprint(), config=cfg)
 
     def step_loss(step, gen):
         x, ctx = sample(gen)
         x = x.to(model.inv_freq.device)
+        keep = keeps[int(torch.randint(len(keeps), (1,), generator=gen))] if keeps else cfg["keep"]
         with torch.no_grad(), autocast_for(model):
             teacher = model(x[:, :-1])[:, ctx - 1:]  # (B, T - ctx + 1, V)
         cache = KVCache(model, x.shape[0], x.shape[1] - 1)
         with autocast_for(model):
-            ctx_logits, flags = prefill(model, x[:, :ctx], cache, gate, cfg["keep"], exact=False, compact=False,
+            ctx_logits, flags = prefill(model, x[:, :ctx], cache, gate, keep, exact=bool(keeps), compact=False,
                                         train=True, protocol=Protocol(inside=cfg["protocol"] == "inside"))
             student = torch.cat([ctx_logits[:, -1:], model(x[:, ctx:-1], ctx, cache)], 1)
         kept = torch.stack([f.mean() for f in flags]).mean()
         loss = distill_loss(teacher, student, x[:, ctx:], cfg["kl_weight"], cfg["ce_weight"])
-        return loss + cfg["keep_weight"] * (kept - cfg["keep"]) ** 2, student.shape[0] * student.shape[1]
+        return loss + cfg["keep_weight"] * (kept - keep) ** 2, student.shape[0] * student.shape[1]
 
     def save(step, opt_tensors):
         save_gate(out, gate, dict(meta, step=step), opt_tensors)
@@ -244,7 +268,8 @@ def main(argv=None):
                "projections (default) or Attention-Gate eviction gates.")
     add_model_flags(p)
     p.add_argument("--method", default="matryoshka", choices=list(DEFAULTS))
-    p.add_argument("--data", help="training .txt/.jsonl (default: the train half of pydoc topics)")
+    p.add_argument("--data", nargs="+", help="training .txt/.jsonl files, each FILE or FILE:WEIGHT (the share of "
+                   "windows drawn from it; 'default' names the train half of pydoc topics, the default)")
     p.add_argument("--eval-data", help="text for the closing table (default: the eval half)")
     p.add_argument("--out", help="checkpoint path (default runs/<method>.safetensors)")
     p.add_argument("--resume", action="store_true", help="continue from --out if it exists")
@@ -262,6 +287,8 @@ def main(argv=None):
     p.add_argument("--calib-windows", type=count, default=8, help="matryoshka: 512-token windows for the PCA start")
     p.add_argument("--keep", type=ratio, default=0.5, help="gate: target kept fraction of the context")
     p.add_argument("--keep-weight", type=nonnegative, default=10.0, help="gate: weight of (kept - keep)^2")
+    p.add_argument("--keeps", type=ratios, help="gate: one gate for every keep: a keep ratio drawn per step from "
+                   "this list (e.g. 0.125,0.25,0.5,0.75), flags at exactly that fraction (replaces --keep)")
     p.add_argument("--ctx-len", type=count, default=384, help="gate: context tokens of each window")
     p.add_argument("--protocol", choices=["after", "inside"], default="after",
                    help="gate: evict after a full-attention prefill or inside it (the paper's protocol)")
@@ -275,6 +302,8 @@ def main(argv=None):
         if getattr(args, name) is None:
             setattr(args, name, value)
     args.out = Path(args.out or f"runs/{args.method}.safetensors")
+    for spec in args.data or []:
+        data_weight(spec)  # a bad weight is refused before the model loads
     if args.warmup >= 1:
         raise KVNestError(f"--warmup {args.warmup} must be in [0, 1): the fraction of the steps that warm up")
     if args.kl_weight == args.ce_weight == 0:
@@ -282,10 +311,12 @@ def main(argv=None):
     if args.out.parent.exists() and not args.out.parent.is_dir():
         raise KVNestError(f"--out {args.out}: {args.out.parent} is a file, not a folder")
     given = [f for f in ("key_mode", "rank_step", "calib_windows") if getattr(args, f) != p.get_default(f)]
-    given = given if args.method == "gate" else [f for f in ("keep", "keep_weight", "ctx_len", "protocol", "sft")
-                                                  if getattr(args, f) != p.get_default(f)]
+    gate_only = ("keep", "keep_weight", "ctx_len", "protocol", "sft", "keeps")
+    given = given if args.method == "gate" else [f for f in gate_only if getattr(args, f) != p.get_default(f)]
+    given = given or [f for f in ("keep", "keep_weight") if args.keeps and getattr(args, f) != p.get_default(f)]
     if given:
-        raise KVNestError(f"--{given[0].replace('_', '-')} does not act with --method {args.method}; drop it")
+        raise KVNestError(f"--{given[0].replace('_', '-')} does not act with --method {args.method}"
+                          f"{' --keeps' if args.method == 'gate' else ''}; drop it")
     model, tok, folder = model_from_flags(args)
     D, context = model.args.head_dim, model.args.max_seq_len
     if not args.sft and args.seq_len + 1 > context:
@@ -294,24 +325,25 @@ def main(argv=None):
     if args.rank_step > D:
         raise KVNestError(f"--rank-step {args.rank_step} is outside [1, head_dim={D}]")
     cfg = {k: getattr(args, k) for k in RUN_FLAGS}
+    cfg["data"] = args.data[0] if args.data and len(args.data) == 1 else args.data  # one file: as recorded before
     pairs = [(tok.encode(q), tok.encode(a)) for q, a in load_pairs(args.sft)] if args.sft else None
     if pairs and any(not q or len(a) < 2 or len(q) + len(a) > context for q, a in pairs):
         raise KVNestError(f"{args.sft}: every prompt needs at least 1 token, every answer at least 2, and each pair "
                           f"at most the model's context of {context}")
-    ids = None if pairs else torch.tensor(tok.encode(load_text(args.data, "train")))
+    sources = None if pairs else [(torch.tensor(tok.encode(text)), w) for text, w in load_mix(args.data, "train")]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta, fit_kw = {"base_model": folder}, {"save_every": args.save_every}
     window = min(512, context)  # calibration and closing-table windows
     if args.method == "matryoshka":
-        calib = token_windows(ids.tolist(), window, args.calib_windows)
-        proj = train_matryoshka(model, ids, cfg, args.out, meta, args.resume, calib, **fit_kw)
+        calib = mixed_windows(sources, window, args.calib_windows)
+        proj = train_matryoshka(model, sources, cfg, args.out, meta, args.resume, calib, **fit_kw)
         table = None if args.no_table else budget_table(model, proj, eval_windows(tok, args.eval_data, 6, window))
     else:
         if not args.ctx_len < args.seq_len - 1:
             raise KVNestError(f"--ctx-len {args.ctx_len} must leave continuation tokens in --seq-len {args.seq_len}")
-        gate = train_gate(model, ids, cfg, args.out, meta, args.resume, pairs, **fit_kw)
+        gate = train_gate(model, sources, cfg, args.out, meta, args.resume, pairs, **fit_kw)
         table = None if args.no_table else eviction_table(
-            model, eval_windows(tok, args.eval_data, 8, args.seq_len + 1), {"gate": gate}, [args.keep],
+            model, eval_windows(tok, args.eval_data, 8, args.seq_len + 1), {"gate": gate}, args.keeps or [args.keep],
             args.ctx_len, protocol=Protocol(inside=args.protocol == "inside"))[0]
     print(f"saved {args.out}")
     if table:

@@ -170,22 +170,24 @@ def test_a_few_training_steps_lower_the_loss(tiny_llama, tmp_path):
     model, ids = load_model(tiny_llama[0]), tokens(100, 1)[0].repeat(20)
     held_out = ids[:400].view(4, 100)[:, :32]
     before = kl_at_half_budget(model, pca_projections(model, ids[:512].view(4, 128), "pre_rope"), held_out)
-    proj = train_matryoshka(model, ids, run_config(), tmp_path / "p.safetensors", {}, calib=ids[:512].view(4, 128))
+    proj = train_matryoshka(model, [(ids, 1.0)], run_config(), tmp_path / "p.safetensors", {},
+                            calib=ids[:512].view(4, 128))
     assert kl_at_half_budget(model, proj, held_out) < 0.9 * before
 
 
 def test_resume_gives_the_same_steps_as_an_uninterrupted_run(tiny_llama, tmp_path):
     ids, calib, cfg = tokens(2000, 1)[0], tokens(128, 4)[0:4], run_config(steps=6)
-    whole = train_matryoshka(load_model(tiny_llama[0]), ids, cfg, tmp_path / "a.safetensors", {}, calib=calib)
-    train_matryoshka(load_model(tiny_llama[0]), ids, cfg, tmp_path / "b.safetensors", {}, calib=calib,
+    whole = train_matryoshka(load_model(tiny_llama[0]), [(ids, 1.0)], cfg, tmp_path / "a.safetensors", {}, calib=calib)
+    train_matryoshka(load_model(tiny_llama[0]), [(ids, 1.0)], cfg, tmp_path / "b.safetensors", {}, calib=calib,
                      stop_after=3)
     assert json.loads(__import__("safetensors").safe_open(tmp_path / "b.safetensors", "pt").metadata()["kvnest"]
                       )["step"] == 3
-    resumed = train_matryoshka(load_model(tiny_llama[0]), ids, cfg, tmp_path / "b.safetensors", {}, resume=True)
+    resumed = train_matryoshka(load_model(tiny_llama[0]), [(ids, 1.0)], cfg, tmp_path / "b.safetensors", {},
+                               resume=True)
     for name in ("W_k", "W_v", "b_v"):
         assert torch.equal(getattr(whole, name), getattr(resumed, name))
     with pytest.raises(KVNestError, match="trained with lr=0.01; pass the same flags"):
-        train_matryoshka(load_model(tiny_llama[0]), ids, dict(cfg, lr=1e-3), tmp_path / "b.safetensors", {},
+        train_matryoshka(load_model(tiny_llama[0]), [(ids, 1.0)], dict(cfg, lr=1e-3), tmp_path / "b.safetensors", {},
                          resume=True)
 
 

@@ -1,0 +1,116 @@
+"""Training text: several sources mixed by weight (train.py --data FILE:WEIGHT ...), and corpus.py's text of other
+kinds gathered from installed packages."""
+import pytest
+import torch
+
+from assets import data_weight, load_mix, load_text, mixed_windows
+from corpus import MIN_CHARS, docstrings, sample
+from errors import KVNestError
+from train import check_resume, sample_batch, same_file
+
+
+def test_one_source_draws_the_windows_it_always_drew():
+    """A single text samples exactly as before the mix existed, so earlier runs and resumes are unchanged."""
+    ids = torch.arange(1000)
+    got = sample_batch([(ids, 1.0)], 4, 16, torch.Generator().manual_seed(3))
+    starts = torch.randint(0, 1000 - 17, (4,), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(got, torch.stack([ids[s: s + 17] for s in starts.tolist()]))
+
+
+def test_windows_come_from_each_source_in_proportion_to_its_weight():
+    a, b = torch.full((300,), 1), torch.arange(1000, 1400)  # a: all 1s; b: distinct tokens
+    x = sample_batch([(a, 3.0), (b, 1.0)], 2000, 16, torch.Generator().manual_seed(0))
+    from_a = (x == 1).all(1)
+    assert ((x >= 1000).all(1) | from_a).all()  # each window lies within one source
+    assert abs(from_a.float().mean().item() - 0.75) < 0.03
+    assert ((x[~from_a, 1:] - x[~from_a, :-1]) == 1).all()  # contiguous windows of b
+
+
+def test_a_source_too_short_for_a_window_is_named():
+    with pytest.raises(KVNestError, match="training text has 10 tokens, too few for windows of 16"):
+        sample_batch([(torch.arange(100), 1.0), (torch.arange(10), 1.0)], 2, 16, torch.Generator())
+
+
+def test_data_specs_parse_weights_and_refuse_bad_ones(tmp_path):
+    assert data_weight("a.txt:2") == ("a.txt", 2.0)
+    assert data_weight("a.txt") == ("a.txt", 1.0)
+    assert data_weight(r"C:\data\a.txt") == (r"C:\data\a.txt", 1.0)
+    for bad in ("a.txt:0", "a.txt:-1", "a.txt:nan", "a.txt:inf", ":2"):
+        with pytest.raises(KVNestError, match="must be a positive number"):
+            data_weight(bad)
+    (tmp_path / "t.txt").write_text("hello there")
+    mix = load_mix(["default:2", f"{tmp_path / 't.txt'}:0.5"], "train")
+    assert mix == [(load_text(None, "train"), 2.0), ("hello there", 0.5)]
+    assert load_mix(None, "eval") == [(load_text(None, "eval"), 1.0)]
+
+
+def test_calibration_windows_are_shared_by_weight_at_least_one_each():
+    a, b = torch.zeros(10_000, dtype=torch.long), torch.ones(10_000, dtype=torch.long)
+    w = mixed_windows([(a, 3.0), (b, 1.0)], 64, 8)
+    assert w.shape == (8, 64) and int(w[:, 0].sum()) == 2  # 6 windows of a, 2 of b
+    assert mixed_windows([(a, 100.0), (b, 1.0)], 64, 1)[:, 0].tolist() == [0, 1]
+
+
+def test_resume_accepts_the_same_mix_by_other_paths_and_refuses_another(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rel, absolute = ["a.txt:2", "default"], [f"{tmp_path / 'a.txt'}:2", "default"]
+    assert same_file(rel, absolute) == absolute
+    assert same_file(rel, [f"{tmp_path / 'a.txt'}:3", "default"]) == rel
+    cfg = {k: None for k in ("data", "sft")}
+    cfg.update(steps=5, data=absolute)
+    from train import RUN_FLAGS
+    full = {k: cfg.get(k) for k in RUN_FLAGS}
+    assert check_resume(tmp_path / "c", {"config": dict(full, data=rel), "step": 0}, full, {}) == 0
+    with pytest.raises(KVNestError, match="trained with data="):
+        check_resume(tmp_path / "c", {"config": dict(full, data=["a.txt:3", "default"]), "step": 0}, full, {})
+
+
+def test_docstrings_are_gathered_whole_deduplicated_and_outside_tests(tmp_path):
+    long = " ".join(["Explain the thing."] * 20)  # above MIN_CHARS
+    assert len(long) >= MIN_CHARS
+    (tmp_path / "pkg" / "tests").mkdir(parents=True)
+    (tmp_path / "pkg" / "mod.py").write_text(f'"""{long}"""\n\ndef f():\n    """short"""\n\n'
+                                             f'class C:\n    """{long}B"""\n\ndef g():\n    """{long}"""\n')
+    (tmp_path / "pkg" / "tests" / "test_x.py").write_text(f'"""{long}T"""\n')
+    (tmp_path / "pkg" / "broken.py").write_text("def (:\n")
+    docs = docstrings(tmp_path / "pkg", "pkg")
+    assert docs == [long, long + "B"]  # f's is too short, g's a copy of the module's, tests/ and broken.py skipped
+
+
+def test_samples_are_seeded_whole_documents_up_to_the_budget():
+    docs = [f"doc {i} " + "x" * 100 for i in range(50)]
+    text = sample(docs, 1000, seed=0)
+    parts = text.split("\n\n")
+    assert set(parts) <= set(docs) and len(parts) == 10  # 10 documents of 106 characters reach 1000
+    assert text == sample(docs, 1000, seed=0) and text != sample(docs, 1000, seed=1)
+
+
+def test_train_on_a_mix_search_and_score_every_kind_of_text(tiny_llama, word_text, tmp_path, capsys):
+    """train.py on two weighted files -> search.py calibrated on the mix -> domains.py over a trained and a held-out
+    text; its cells equal eval.py's own figures for the same text and budget."""
+    import json
+
+    from domains import main as domains_main
+    from eval import main as eval_main
+    from search import main as search_main
+    from train import main as train_main
+    other = tmp_path / "other.txt"
+    other.write_text(" ".join(f"w{(7 * i) % 50}" for i in range(3000)))  # another kind: a different pattern
+    model, ckpt, ranks = ["--model", str(tiny_llama[0])], str(tmp_path / "p.safetensors"), str(tmp_path / "r.json")
+    mix = ["--data", f"{word_text}:3", f"{other}:1"]
+    train_main(model + mix + ["--steps", "3", "--seq-len", "32", "--calib-windows", "2", "--out", ckpt,
+                              "--no-table"])
+    search_main(model + mix + ["--projections", ckpt, "--budget", "0.5", "--calib-len", "32", "--out", ranks])
+    capsys.readouterr()
+    domains_main(model + ["--projections", ckpt, "--ranks", ranks, "--texts", str(word_text), str(other),
+                          "--budgets", "0.5", "--windows", "2", "--seq-len", "64", "--out-dir", str(tmp_path)])
+    table = capsys.readouterr().out
+    assert table.count("| 50.0% |") == 2 and "trained, searched" in table
+    scores = json.loads((tmp_path / "domains.json").read_text())
+    eval_main(model + ["--projections", ckpt, "--budget", "0.5", "--windows", "2", "--seq-len", "64", "--data",
+                       str(other), "--json"])
+    direct = json.loads(capsys.readouterr().out)
+    cell = scores[str(other)]["0.5"]["trained, uniform"]
+    assert cell["perplexity"] == pytest.approx(direct["perplexity"], rel=1e-6)
+    assert cell["kl"] == pytest.approx(direct["kl"], rel=1e-6)
+    assert (tmp_path / "domains.png").stat().st_size > 1000
