@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from assets import chatml, default_halves
 from compress import load_projections, uniform_ranks
-from errors import KVNestError, Parser, count, integers, ratio, run_cli
+from errors import KVNestError, Parser, count, integers, ratios, run_cli
 from eval import plot_curves
 from evict import BASELINES, Protocol, baseline, scoring_hooks
 from flags import add_model_flags, model_from_flags
@@ -311,7 +311,7 @@ def main(argv=None):
             raise KVNestError(f"{what}: unknown {sorted(set(given) - set(known)) or 'empty'}; choose from "
                               f"{', '.join(known)}")
     try:
-        compressions = [ratio(c) for c in args.compressions.split(",")]
+        compressions = ratios(args.compressions)
     except Exception:
         compressions = []
     if not compressions or max(compressions) >= 1:
