@@ -76,15 +76,15 @@ def package_root(name: str) -> Path:
 def build(out: Path, chars: int, seed: int = 0) -> dict:
     """Write the training and held-out files under `out`; returns the manifest (also written as manifest.json)."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
+    licence = stdlib / "LICENSE.txt"
+    if not licence.is_file():  # checked before minutes of parsing, not after
+        raise KVNestError(f"{licence} is missing from this Python; the licence kind needs CPython's LICENSE.txt")
     kinds = {}
     parts = [sample(docstrings(package_root(p), p), chars, seed) for p in TRAIN_PACKAGES]
     kinds["packages"] = ("\n\n".join(parts), {p: importlib.metadata.version(p) for p in TRAIN_PACKAGES})
     kinds[HELD_OUT_PACKAGE] = (sample(docstrings(package_root(HELD_OUT_PACKAGE), HELD_OUT_PACKAGE), chars, seed),
                                {HELD_OUT_PACKAGE: importlib.metadata.version(HELD_OUT_PACKAGE)})
     kinds["stdlib"] = (sample(docstrings(stdlib, "stdlib"), chars, seed), {"python": stdlib.name})
-    licence = stdlib / "LICENSE.txt"
-    if not licence.is_file():
-        raise KVNestError(f"{licence} is missing from this Python; the licence kind needs CPython's LICENSE.txt")
     kinds["license"] = (licence.read_text(encoding="utf-8"), {"python": stdlib.name})
     out.mkdir(parents=True, exist_ok=True)
     manifest = {}

@@ -169,7 +169,7 @@ def main(argv=None):
     p.add_argument("--step", type=count, default=None, help="rank decrement (default head_dim / 8)")
     p.add_argument("--min-rank", type=count, default=None, help="lowest rank a head may get (default: --step)")
     p.add_argument("--per-round", type=count, default=None, help="decrements per round (1 = the exact greedy; "
-                   "default 64, at most half the model's K and V ranks)")
+                   "default 64, or half the model's K and V ranks if fewer; at most their number minus 1)")
     p.add_argument("--out", default="runs/ranks.json")
     args = p.parse_args(argv)
     model, tok, folder = model_from_flags(args)

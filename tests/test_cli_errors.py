@@ -84,6 +84,8 @@ COMBINATIONS = [  # (script, flags, what the error says)
     ("train", ["--data", "default", "nope.txt:2", "--seq-len", "32"], "data file nope.txt does not exist"),
     ("search", ["--projections", "p.safetensors", "--calib-len", "300"], "exceeds the model's context"),
     ("search", ["--projections", "p.safetensors", "--per-round", "8"], "would lower every rank each round"),
+    ("domains", ["--projections", "p.safetensors", "--budgets", "0.5,1"], "pass budgets below 1"),
+    ("domains", ["--projections", "p.safetensors", "--seq-len", "300"], "exceeds the model's context of 256"),
     ("passkey", ["--methods", "gate"], "unknown gate; choose from"),
     ("passkey", ["--budget", "0.5"], "pass --projections too"),
     ("passkey", ["--length", "300"], "exceeds the model's context of 256"),

@@ -114,3 +114,11 @@ def test_train_on_a_mix_search_and_score_every_kind_of_text(tiny_llama, word_tex
     assert cell["perplexity"] == pytest.approx(direct["perplexity"], rel=1e-6)
     assert cell["kl"] == pytest.approx(direct["kl"], rel=1e-6)
     assert (tmp_path / "domains.png").stat().st_size > 1000
+
+
+def test_a_python_without_its_licence_is_named_before_any_parsing(tmp_path, monkeypatch):
+    import corpus
+    monkeypatch.setattr(corpus.sysconfig, "get_paths", lambda: {"stdlib": str(tmp_path)})
+    monkeypatch.setattr(corpus, "docstrings", lambda *a: pytest.fail("parsed before the licence was checked"))
+    with pytest.raises(KVNestError, match="LICENSE.txt is missing from this Python"):
+        corpus.build(tmp_path / "out", 1000)
