@@ -11,6 +11,7 @@ each keeps its fastest round (the table's spread: how much slower its slowest wa
   eviction        --keep of the context entries per (layer, KV head) in compact buffers (a gate or a baseline)
   both            eviction, then MatryoshkaKV on the kept entries
   both-pre        the same with keys before RoPE (each kept entry's position is stored for its rotation)
+  plan            with --plan: a joint plan of joint.py (each head its own ranks and kept count), entry --budget
   transformers    with --peer: transformers' LlamaForCausalLM/MistralForCausalLM of the same model, StaticCache
 Bandwidth counts the weights once plus the cache bytes the step actually reads; on CUDA it is also given as a
 fraction of the device's peak (the roofline). Capacity: the largest context per batch whose cache fits beside the
@@ -27,9 +28,11 @@ import torch
 
 from compress import Projections, uniform_ranks
 from errors import KVNestError, Parser, count, integers, ratio, run_cli
+from evict import kept_count, layer_keep
 from flags import add_model_flags, check_device, model_from_flags
 from kernels import Decoder
 from model import KVCache, ModelArgs, Transformer
+from plan import load_plan
 
 KINDS = ("full", "matryoshka", "matryoshka-pre", "eviction", "both", "both-pre")
 PEER = "transformers"  # --peer: transformers' own decode of the same model with its StaticCache
@@ -53,36 +56,44 @@ def weight_bytes(model: Transformer) -> int:
     return sum(seen.values())
 
 
-def kind_features(model: Transformer, kind: str, budget: float):
-    """MatryoshkaKV features at a uniform budget for the compressed kinds (identity bases: their values do not
-    change the speed), None for the others."""
-    if kind not in ("matryoshka", "matryoshka-pre", "both", "both-pre"):
-        return None
+def kind_setup(model: Transformer, kind: str, budget: float, keep: float, plan=None) -> tuple:
+    """(features, keep) of a kind: MatryoshkaKV features (identity bases: their values do not change the speed) at a
+    uniform budget for the compressed kinds, at the plan's ranks for `plan`, else None; the kept fraction (a float,
+    or per head (L, H_kv) for a plan), or None for kinds that keep every entry."""
     a, p = model.args, model.lm_head.weight
-    eye = torch.eye(a.head_dim, device=p.device).expand(a.n_layers, a.n_kv_heads, a.head_dim, a.head_dim)
-    proj = Projections(eye, eye, "pre_rope" if kind.endswith("-pre") else "post_rope").to(p.device)
-    with torch.no_grad():
-        return proj.features(*uniform_ranks(model, budget))
+    compressed = kind in ("matryoshka", "matryoshka-pre", "both", "both-pre", "plan")
+    key_mode = plan.key_mode if kind == "plan" else "pre_rope" if kind.endswith("-pre") else "post_rope"
+    features = None
+    if compressed:
+        eye = torch.eye(a.head_dim, device=p.device).expand(a.n_layers, a.n_kv_heads, a.head_dim, a.head_dim)
+        with torch.no_grad():
+            features = Projections(eye, eye, key_mode).to(p.device).features(*uniform_ranks(
+                model, 1.0 if kind == "plan" else budget))
+    if kind == "plan":
+        return plan.features(features), plan.keep if plan.evicts else None
+    return features, keep if kind in ("eviction", "both", "both-pre") else None
 
 
 def filled_cache(model: Transformer, kind: str, batch: int, context: int, room: int, budget: float, keep: float,
-                 seed: int = 0) -> KVCache:
+                 seed: int = 0, plan=None) -> KVCache:
     """A cache of a kind as after a prefill of `context` tokens, with random entries (speed does not depend on the
-    values), and room for `room` more. Eviction keeps round(context * keep) entries per head, spread evenly, as the
-    baselines keep a fixed count."""
-    cache = KVCache(model, batch, context + room, kind_features(model, kind, budget))
-    if kind in ("eviction", "both", "both-pre"):
-        n = max(1, round(context * keep))
-        flags = torch.zeros(batch, model.args.n_kv_heads, context, device=model.inv_freq.device)
-        flags[..., torch.arange(n) * context // n] = 1
-        for layer in cache.layers:  # on a CPU the zeroed full buffers were never touched: no memory is spent
+    values), and room for `room` more. Eviction keeps round(context * keep) entries per head (a plan: each head its
+    own count), spread evenly, as the baselines keep a fixed count."""
+    features, keep = kind_setup(model, kind, budget, keep, plan)
+    cache = KVCache(model, batch, context + room, features)
+    if keep is not None:
+        for i, layer in enumerate(cache.layers):  # on a CPU the zeroed full buffers were never touched
+            n = kept_count(context, layer_keep(keep, i))
+            flags = torch.zeros(batch, model.args.n_kv_heads, context, device=model.inv_freq.device)
+            for h, m in enumerate(n if isinstance(n, list) else [n] * model.args.n_kv_heads):
+                flags[:, h, torch.arange(m) * context // m] = 1
             layer.compact(flags, room)
     g = torch.Generator(device=model.inv_freq.device).manual_seed(seed)
     for layer in cache.layers:
         for group in layer.groups:
             for buf in (group.k, group.v):
                 buf.copy_(torch.randn(*buf.shape[:2], 1, buf.shape[-1], generator=g, device=buf.device))
-            if kind not in ("eviction", "both", "both-pre"):
+            if keep is None:
                 group.length.fill_(context)
     return cache
 
@@ -174,14 +185,15 @@ def workspace(model: Transformer, kind: str, batch: int, context: int) -> int:
     return (keys + context * a.head_dim * 4) * kind.endswith("-pre")
 
 
-def bytes_per_token_of(model: Transformer, budget: float, keep: float, kinds=KINDS) -> dict:
+def bytes_per_token_of(model: Transformer, budget: float, keep: float, kinds=KINDS, plan=None) -> dict:
     """{kind: cache bytes per context token at batch 1}: the growth of its cache tensors from 512 to 1024 tokens."""
-    sizes = {k: [filled_cache(model, k, 1, c, 0, budget, keep).nbytes() for c in (512, 1024)] for k in kinds}
+    sizes = {k: [filled_cache(model, k, 1, c, 0, budget, keep, plan=plan).nbytes() for c in (512, 1024)]
+             for k in kinds}
     return {k: (b - a) / 512 for k, (a, b) in sizes.items()}
 
 
 def bench(model: Transformer, contexts: list, batches: list, steps: int, budget: float, keep: float,
-          per_token: dict, compile: bool = True, rounds: int = 3, peer=None) -> list:
+          per_token: dict, compile: bool = True, rounds: int = 3, peer=None, plan=None) -> list:
     """One dict per (kind in per_token, context, batch): seconds per step, cache bytes, bytes read, peak memory;
     fits=False where the cache would not fit. Each (context, batch) times its kinds in turn, `rounds` times over,
     and keeps each kind's fastest round (step_s) and its slowest (slowest_s): on a shared machine the fastest is
@@ -199,7 +211,7 @@ def bench(model: Transformer, contexts: list, batches: list, steps: int, budget:
                 reset_peak(device)
                 dt, kv = measure_peer(peer, batch, context, steps, compile)
             else:
-                cache = filled_cache(model, kind, batch, context, steps + 2, budget, keep)
+                cache = filled_cache(model, kind, batch, context, steps + 2, budget, keep, plan=plan)
                 reset_peak(device)
                 dt, kv = measure(Decoder(model, steps + 2, compile=compile), cache, batch, context, steps), cache.nbytes()
                 del cache
@@ -250,12 +262,15 @@ def main(argv=None):
     p.add_argument("--budget", type=ratio, default=0.5)
     p.add_argument("--keep", type=ratio, default=0.5)
     p.add_argument("--eager", action="store_true", help="time the same step uncompiled")
+    p.add_argument("--plan", help="joint.py plan to time as the kind 'plan' (its entry for --budget): e.g. --budget "
+                   "0.25 --keep 0.25 --plan runs/plan.json times it beside each axis alone at the same bytes")
     p.add_argument("--peer", action="store_true", help="add transformers' own decode of the same model (StaticCache, "
                    "compiled unless --eager) as a row of every cell")
     args = p.parse_args(argv)
-    kinds = args.kinds.split(",")
-    if set(kinds) - set(KINDS):
-        raise KVNestError(f"unknown kinds {sorted(set(kinds) - set(KINDS))}; choose from {', '.join(KINDS)}")
+    kinds = args.kinds.split(",") + (["plan"] if args.plan and "plan" not in args.kinds.split(",") else [])
+    if set(kinds) - set(KINDS) - ({"plan"} if args.plan else set()):
+        raise KVNestError(f"unknown kinds {sorted(set(kinds) - set(KINDS))}; choose from {', '.join(KINDS)} "
+                          f"(and plan, with --plan)")
     contexts, batches = (integers(text, flag) for text, flag in ((args.contexts, "--contexts"),
                                                                  (args.batches, "--batches")))
     folder = None
@@ -264,13 +279,16 @@ def main(argv=None):
         model = random_model(args.shape, getattr(torch, args.dtype), args.device)
     else:
         model, _, folder = model_from_flags(args)
-    per_token = bytes_per_token_of(model, args.budget, args.keep, kinds)
+    plan = None
+    if args.plan:
+        plan = load_plan(args.plan, model, args.budget)
+    per_token = bytes_per_token_of(model, args.budget, args.keep, kinds, plan)
     peer = None
     if args.peer:
         peer = peer_model(model, None if args.shape else folder)
         per_token[PEER] = bytes_per_token_of(model, args.budget, args.keep, ["full"])["full"]
     rows = bench(model, contexts, batches, args.steps, args.budget, args.keep, per_token, not args.eager,
-                 args.rounds, peer)
+                 args.rounds, peer, plan)
     device = model.lm_head.weight.device
     name = args.shape or "default model"
     print(f"\n{name}, {device.type}, {args.dtype}, {'eager' if args.eager else 'compiled'}, budget {args.budget}, "

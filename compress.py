@@ -162,33 +162,46 @@ def load_projections(path, model: Transformer) -> tuple[Projections, dict, dict]
     return proj.to(model.inv_freq.device), meta, tensors
 
 
-def load_ranks(path, model: Transformer, budget: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ranks from a search.py JSON file: the entry for `budget` (or the file's target entry)."""
+def read_entry(path, model: Transformer, budget: float | None, what: str, script: str) -> tuple[dict, dict, str]:
+    """(the file's JSON, its entry for `budget` (or for the file's target), that entry's key) of a file of budget
+    entries made for this model by `python script` (search.py's ranks, joint.py's plans)."""
     if not Path(path).is_file():
-        raise KVNestError(f"ranks file {path} does not exist; make one with `python search.py`")
-    fix = "make it again with `python search.py`"
+        raise KVNestError(f"{what} {path} does not exist; make one with `python {script}`")
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
         entries, target = data["budgets"], data["target"]
     except (ValueError, KeyError, TypeError):  # ValueError: not UTF-8 or not JSON
         entries = target = None
     if not isinstance(entries, dict) or not all(isinstance(e, dict) for e in entries.values()):
-        raise KVNestError(f"ranks file {path} is not a search.py file (an object with 'model', 'budgets' and "
-                          f"'target'); {fix}")
+        raise KVNestError(f"{what} {path} is not a {script} file (an object with 'model', 'budgets' and "
+                          f"'target'); make it again with `python {script}`")
     if not made_for(data.get("model"), model):
-        raise KVNestError(f"ranks file {path} was made for another model; run search.py for this model")
+        raise KVNestError(f"{what} {path} was made for another model; run {script} for this model")
     key = f"{budget:g}" if budget is not None else target
     if key not in entries:
-        raise KVNestError(f"ranks file {path} has no entry for budget {key}; it has {', '.join(entries)}")
-    a = model.args
-    ranks = [entries[key].get(kind) for kind in "kv"]
-    for r in ranks:
-        if not (isinstance(r, list) and len(r) == a.n_layers and all(
-                isinstance(row, list) and len(row) == a.n_kv_heads and
-                all(type(x) is int for x in row) for row in r)):
-            raise KVNestError(f"ranks file {path}, budget {key}: 'k' and 'v' must each be {a.n_layers} lists of "
-                              f"{a.n_kv_heads} whole numbers; {fix}")
-    return torch.tensor(ranks[0]), torch.tensor(ranks[1])
+        raise KVNestError(f"{what} {path} has no entry for budget {key}; it has {', '.join(entries)}")
+    return data, entries[key], key
+
+
+def read_tables(entry: dict, names: str, model: Transformer, ok, values: str, where: str) -> list:
+    """entry[name] for each name as an (n_layers, H_kv) tensor, every value passing ok(value); else one line."""
+    a, out = model.args, []
+    for name in names:
+        rows = entry.get(name)
+        if not (isinstance(rows, list) and len(rows) == a.n_layers and all(
+                isinstance(row, list) and len(row) == a.n_kv_heads and all(ok(x) for x in row) for row in rows)):
+            raise KVNestError(f"{where}: {' and '.join(map(repr, names))} must each be {a.n_layers} lists of "
+                              f"{a.n_kv_heads} {values}")
+        out.append(torch.tensor(rows))
+    return out
+
+
+def load_ranks(path, model: Transformer, budget: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ranks from a search.py JSON file: the entry for `budget` (or the file's target entry)."""
+    _, entry, key = read_entry(path, model, budget, "ranks file", "search.py")
+    rank_k, rank_v = read_tables(entry, "kv", model, lambda x: type(x) is int, "whole numbers; make it again with "
+                                 "`python search.py`", f"ranks file {path}, budget {key}")
+    return rank_k, rank_v
 
 
 def features_from_flags(model: Transformer, projections: str, budget: float | None, ranks: str | None):

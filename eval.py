@@ -137,8 +137,9 @@ def score_eviction(model: Transformer, windows: torch.Tensor, policy, keep: floa
 def score_evictions(model: Transformer, windows: torch.Tensor, runs: list, ctx_len: int = 384, protocol=None,
                     features=None, compact: bool = False, desc: str | None = None,
                     gate_new: bool = False) -> tuple[list, float]:
-    """Each window (N, T) is a context of ctx_len tokens and a continuation. For each run (policy, keep, exact),
-    the context is prefilled into a cache (compressed by `features`, if given) and evicted; the continuation's
+    """Each window (N, T) is a context of ctx_len tokens and a continuation. For each run (policy, keep, exact) or
+    (policy, keep, exact, its own features), the context is prefilled into a cache (compressed by `features`, if
+    given) and evicted; the continuation's
     T - ctx_len predictions (logits at positions ctx_len - 1 ... T - 2) are scored: perplexity, KL(full ||
     method), top-1 agreement, and the achieved kept fraction of the context entries. compact: the cache holds only
     the kept entries (else its slots are weighed by the flags: the same numbers, tested). gate_new: the gate also
@@ -154,10 +155,13 @@ def score_evictions(model: Transformer, windows: torch.Tensor, runs: list, ctx_l
         w = w[None].to(model.inv_freq.device)
         ref = model(w[:, :-1])[0, ctx_len - 1:].float()  # (T - ctx_len, V)
         full_nll += F.cross_entropy(ref, w[0, ctx_len:], reduction="sum").item()
-        for i, ((policy, keep, exact), tally) in enumerate(zip(runs, tallies)):
-            cache = KVCache(model, 1, w.shape[1] - 1, features)
-            ctx_logits, flags = prefill(model, w[:, :ctx_len], cache, policy, keep, protocol, exact,
-                                        compact or gate_new)
+        for i, ((policy, keep, exact, *own), tally) in enumerate(zip(runs, tallies)):
+            cache = KVCache(model, 1, w.shape[1] - 1, own[0] if own else features)
+            if policy is None:  # no eviction: the features alone
+                ctx_logits, flags = model(w[:, :ctx_len], 0, cache), None
+            else:
+                ctx_logits, flags = prefill(model, w[:, :ctx_len], cache, policy, keep, protocol, exact,
+                                            compact or gate_new)
             if gate_new:
                 logits = [ctx_logits[0, -1:]]
                 with judging(model, cache, policy, protocol.window) as judges:
@@ -167,7 +171,7 @@ def score_evictions(model: Transformer, windows: torch.Tensor, runs: list, ctx_l
             else:
                 logits = torch.cat([ctx_logits[0, -1:], model(w[:, ctx_len:-1], ctx_len, cache)[0]]).float()
             tally.add(ref, logits, w[0, ctx_len:])
-            kept[i] += kept_fraction(flags)
+            kept[i] += 1.0 if flags is None else kept_fraction(flags)
         n += len(ref)
     results = [dict(t.result(), keep=k / len(windows)) for t, k in zip(tallies, kept)]
     if gate_new:
@@ -229,7 +233,7 @@ def eviction_main(args, model, tok, features, policy, keep) -> None:
     """--evict METHOD / --evict-sweep: continuation perplexity and KL after evicting the context's cache."""
     from evict import Protocol
     protocol = Protocol(args.protocol == "inside", args.sinks, args.window)
-    if (args.gate_threshold or args.gate_new) and args.evict != "gate":
+    if (args.gate_threshold or args.gate_new) and args.evict != "gate" and not args.plan:
         raise KVNestError(f"--{'gate-threshold' if args.gate_threshold else 'gate-new'} acts with the gate; pass "
                           f"--evict gate")
     if args.seq_len <= args.ctx_len + 1:
@@ -249,9 +253,15 @@ def eviction_main(args, model, tok, features, policy, keep) -> None:
         return
     result = score_eviction(model, windows, policy, keep, args.ctx_len, None if args.gate_threshold else True,
                             protocol, features, gate_new=args.gate_new)
-    result = dict(method=args.evict, protocol=args.protocol, requested_keep=keep, **result)
-    if features is not None:
-        result["budget"] = features.budget()
+    if args.plan:  # each head its own keep ratio and ranks: the plan's share of the full cache's bytes
+        from plan import load_plan
+        plan, size = load_plan(args.plan, model, args.budget), model.lm_head.weight.element_size()
+        result = dict(method="plan", policy=plan.policy, protocol=args.protocol, requested_keep=float(
+            plan.keep.mean()), **result, budget=plan.budget(model.args.head_dim, size))
+    else:
+        result = dict(method=args.evict, protocol=args.protocol, requested_keep=keep, **result)
+        if features is not None:
+            result["budget"] = features.budget()
     report(result, args.json)
 
 
@@ -288,13 +298,17 @@ def main(argv=None):
     args = p.parse_args(argv)
     eviction_flags = [f for f in ("gate_threshold", "gate_new", "protocol", "sinks", "window", "ctx_len")
                       if getattr(args, f) != p.get_default(f)]
-    if eviction_flags and not (args.evict or args.evict_sweep):
-        raise KVNestError(f"--{eviction_flags[0].replace('_', '-')} acts with --evict or --evict-sweep; pass one")
+    if eviction_flags and not (args.evict or args.evict_sweep or args.plan):
+        raise KVNestError(f"--{eviction_flags[0].replace('_', '-')} acts with --evict, --evict-sweep or --plan; "
+                          f"pass one")
     unsupported = [f for f in ("sweep", "evict_sweep", "gate_threshold", "gate_new", "protocol", "sinks", "window")
                    if getattr(args, f) != p.get_default(f)]
-    if args.transformers and unsupported:
+    if args.transformers and (unsupported or args.plan):
         raise KVNestError(f"--transformers scores one setting evicted after the prefill; drop "
-                          f"--{unsupported[0].replace('_', '-')}")
+                          f"--{(unsupported or ['plan'])[0].replace('_', '-')}")
+    if args.plan and (args.sweep or args.gate_threshold):
+        raise KVNestError(f"--plan sets each head's ranks and exact keep; drop --"
+                          f"{'sweep' if args.sweep else 'gate-threshold'}")
     model, tok, folder = model_from_flags(args)
     if args.seq_len > model.args.max_seq_len:
         raise KVNestError(f"--seq-len {args.seq_len} exceeds the model's context of {model.args.max_seq_len}")
@@ -312,7 +326,7 @@ def main(argv=None):
                            gate=args.gate, keep=keep if args.evict else None, exact=True if args.evict else None)
         result = score_transformers(folder, model, windows, args.ctx_len if args.evict else None, **compression)
         return report(dict(through="transformers + hf.py", **result), args.json)
-    if args.evict or args.evict_sweep:
+    if args.evict or args.evict_sweep or args.plan:
         return eviction_main(args, model, tok, features, policy, keep)
     windows = eval_windows(tok, args.data, args.windows or 6, args.seq_len)
     result = {"model": folder, "windows": len(windows), "seq_len": args.seq_len}

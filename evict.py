@@ -27,11 +27,26 @@ import torch
 import torch.nn.functional as F
 
 from errors import KVNestError, check_ratio
-from model import KVCache, Transformer
+from model import KVCache, Transformer, group_by
 
 
-def check_keep(keep: float) -> None:
-    check_ratio(keep, "keep ratio", "0.5 (the kept fraction of the context)")
+def check_keep(keep) -> None:
+    """keep: one ratio for every (layer, KV head), or a tensor (L, H_kv) of ratios, one per head (a joint plan,
+    plan.py)."""
+    for k in keep.flatten().tolist() if torch.is_tensor(keep) else [keep]:
+        check_ratio(k, "keep ratio", "0.5 (the kept fraction of the context)")
+
+
+def layer_keep(keep, layer: int):
+    """The keep ratio of one layer: the float itself, or that layer's row (H_kv,) of per-head ratios."""
+    return keep[layer] if torch.is_tensor(keep) else keep
+
+
+def kept_count(T: int, keep) -> list | int:
+    """Entries kept of T: round(T * keep), at least 1; a list per head for a row of per-head ratios."""
+    if torch.is_tensor(keep):
+        return [kept_count(T, k) for k in keep.tolist()]
+    return max(1, round(T * keep))
 
 
 def group_sum(p: torch.Tensor, n_kv: int) -> torch.Tensor:
@@ -59,12 +74,13 @@ class Policy:
     KV head). A learned policy (gate.py's Gate) overrides `flags`."""
     exact = True
 
-    def score(self, layer: int, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, keep: float) -> torch.Tensor:
-        """(B, T, dim) layer input, q (B, H, T, D) and k (B, H_kv, T, D) after RoPE -> scores (B, H_kv, T)."""
+    def score(self, layer: int, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, keep) -> torch.Tensor:
+        """(B, T, dim) layer input, q (B, H, T, D) and k (B, H_kv, T, D) after RoPE, the layer's keep (a float or
+        per head, (H_kv,)) -> scores (B, H_kv, T)."""
         raise NotImplementedError
 
-    def flags(self, scores: list, keep: float, exact: bool, train: bool) -> list:
-        """Keep masks (B, H_kv, T) from the scores of some layers."""
+    def flags(self, scores: list, keep, exact: bool, train: bool) -> list:
+        """Keep masks (B, H_kv, T) from the scores of some layers; keep a float, or (layers, H_kv) per head."""
         return flags_from_scores(scores, keep, exact, straight_through=train)
 
 
@@ -86,8 +102,9 @@ class H2O(Policy):
     def score(self, layer, x, q, k, keep):
         s = received_attention(q, k, k.shape[1], None)
         T = k.shape[2]
-        s[..., T - int(round(T * keep) * self.recent):] = float("inf")
-        return s
+        n = torch.tensor(kept_count(T, keep), dtype=torch.float64)  # () or (H_kv,)
+        recent = (n * self.recent).floor().long()  # the most recent entries to keep, per head
+        return s.masked_fill(torch.arange(T) >= (T - recent)[..., None].to(s.device), float("inf"))
 
 
 @dataclass
@@ -119,18 +136,26 @@ def baseline(name: str) -> Policy:
     return BASELINES[name]()
 
 
-def flags_from_scores(scores: list, keep: float, exact: bool, straight_through: bool = False) -> list:
-    """Keep masks (B, H_kv, T) per layer. exact: the top round(T * keep) per (layer, head); else the gate's own
-    threshold z >= 0, with the straight-through estimator when training (forward: hard flags; backward:
-    d sigmoid(z))."""
+def flags_from_scores(scores: list, keep, exact: bool, straight_through: bool = False) -> list:
+    """Keep masks (B, H_kv, T) per layer. exact: the top round(T * keep) per (layer, head), keep a float or
+    (layers, H_kv) per head; else the gate's own threshold z >= 0, with the straight-through estimator when
+    training (forward: hard flags; backward: d sigmoid(z))."""
     if not exact:
         hard = [(z >= 0).float() for z in scores]
         if not straight_through:
             return hard
         return [h + (torch.sigmoid(z) - torch.sigmoid(z).detach()) for h, z in zip(hard, scores)]  # = h exactly
-    T = scores[0].shape[-1]
-    n = max(1, round(T * keep))
-    return [torch.zeros_like(s).scatter_(-1, s.topk(n, dim=-1).indices, 1.0) for s in scores]
+    return [top_flags(s, kept_count(s.shape[-1], layer_keep(keep, i))) for i, s in enumerate(scores)]
+
+
+def top_flags(s: torch.Tensor, n) -> torch.Tensor:
+    """1 at the top n scores of each head (B, H_kv, T): n an int, or a list per head."""
+    if isinstance(n, int):
+        return torch.zeros_like(s).scatter_(-1, s.topk(n, dim=-1).indices, 1.0)
+    out = torch.empty_like(s)
+    for m, heads in group_by(n):
+        out[:, heads] = top_flags(s[:, heads], m)
+    return out
 
 
 def protect(scores: torch.Tensor, sinks: int, window: int) -> torch.Tensor:
@@ -162,23 +187,30 @@ class Protocol:
             raise KVNestError(f"sinks ({self.sinks}) and window ({self.window}) must be >= 0")
 
 
-def scoring_hooks(model: Transformer, on_scores, policy: Policy, keep: float, protocol: Protocol, train: bool,
+def layer_scores(attn, layer: int, x: torch.Tensor, cos, sin, policy: Policy, keep, protocol: Protocol,
+                 train: bool = False) -> torch.Tensor:
+    """A policy's scores (B, H_kv, T) of one layer's context from the attention's input x (B, T, dim), with the
+    protocol's forced entries; keep: the model's (a float or (L, H_kv))."""
+    q, _, k, _ = attn.qkv(x, cos, sin)  # recomputed, as kvpress does: the layer's code stays untouched
+    with torch.set_grad_enabled(train):  # only the gate's own graph, for its training
+        return protect(policy.score(layer, x, q.detach(), k.detach(), layer_keep(keep, layer)), protocol.sinks,
+                       protocol.window)
+
+
+def scoring_hooks(model: Transformer, on_scores, policy: Policy, keep, protocol: Protocol, train: bool,
                   before: bool) -> list:
     """Forward (pre-)hooks on every attention layer: from its input x, score the context and hand
     on_scores(layer, scores) the result. before: ahead of the layer's attention (eviction inside the prefill)."""
     def hook(i):
         def fn(attn, args, *output):
-            x, pos, cos, sin = args[:4]
-            q, _, k, _ = attn.qkv(x, cos, sin)  # recomputed, as kvpress does: the layer's code stays untouched
-            with torch.set_grad_enabled(train):  # only the gate's own graph, for its training
-                on_scores(i, protect(policy.score(i, x, q.detach(), k.detach(), keep), protocol.sinks,
-                                     protocol.window))
+            x, _, cos, sin = args[:4]
+            on_scores(i, layer_scores(attn, i, x, cos, sin, policy, keep, protocol, train))
         return fn
     register = "register_forward_pre_hook" if before else "register_forward_hook"
     return [getattr(layer.attn, register)(hook(i)) for i, layer in enumerate(model.layers)]
 
 
-def prefill(model: Transformer, context: torch.Tensor, cache: KVCache, policy: Policy, keep: float,
+def prefill(model: Transformer, context: torch.Tensor, cache: KVCache, policy: Policy, keep,
             protocol: Protocol = Protocol(), exact: bool | None = None, compact: bool = True,
             train: bool = False) -> tuple[torch.Tensor, list]:
     """Prefill the context (B, T_ctx) into an empty `cache` and evict, after the prefill or inside it. Returns
@@ -186,7 +218,8 @@ def prefill(model: Transformer, context: torch.Tensor, cache: KVCache, policy: P
     cache keeps only the flagged entries (and room for cache.size - T_ctx more); else its slots are weighed by the
     flags (differentiable with train=True). exact defaults to the policy's own rule (top-n per head for baselines,
     the threshold z >= 0 for the gate); an exact gate keeps the top n over all layers and heads after the prefill,
-    over the heads of each layer inside it."""
+    over the heads of each layer inside it. keep: a float, or (L, H_kv) ratios, one per head (a joint plan,
+    plan.py: then every policy, the gate too, keeps each head's own top n)."""
     check_keep(keep)
     check_evictable(model)
     protocol.check()
@@ -194,7 +227,8 @@ def prefill(model: Transformer, context: torch.Tensor, cache: KVCache, policy: P
     recorded = [None] * len(model.layers)
 
     def on_scores(i, z):
-        recorded[i] = policy.flags([z], keep, exact, train)[0] if protocol.inside else z
+        layer = keep[i: i + 1] if torch.is_tensor(keep) else keep  # (1, H_kv) per head
+        recorded[i] = policy.flags([z], layer, exact, train)[0] if protocol.inside else z
         if protocol.inside:
             cache.layers[i].soften(recorded[i], protocol.window)
 

@@ -54,6 +54,8 @@ def add_compression_flags(p, sweep: bool = False) -> None:
     p.add_argument("--evict", choices=METHODS, help="evict the context's cache after (or inside) the prefill")
     p.add_argument("--gate", help="gate checkpoint from `python train.py --method gate`, with --evict gate")
     p.add_argument("--keep", type=ratio, help="kept fraction of the context's cache with --evict (default 0.5)")
+    p.add_argument("--plan", help="joint plan from joint.py: each head's ranks and keep ratio, and the policy (with "
+                   "the --projections it was searched with, --gate for a gate plan; --budget picks the entry)")
     if sweep:
         p.add_argument("--evict-sweep", action="store_true", help="every eviction method (and --gate) at keep "
                        "75/50/25/12.5%%")
@@ -63,6 +65,8 @@ def compression_from_flags(model, args) -> tuple:
     """(features, policy, keep, exact) that the flags of add_compression_flags ask for. A gate is held to the exact
     keep ratio over all layers and heads, as eval.py scores it; with --evict-sweep the policy is the gate (if any)."""
     sweep = getattr(args, "evict_sweep", False)
+    if args.plan:
+        return plan_from_flags(model, args, sweep)
     if args.evict is None and not sweep and (args.keep is not None or args.gate):
         raise KVNestError("--keep and --gate act with --evict; pass --evict too")
     if sweep and (args.evict or args.keep is not None):
@@ -87,3 +91,34 @@ def features_from_args(model, args):
     if args.projections is None and (args.budget is not None or args.ranks):
         raise KVNestError("--budget and --ranks choose ranks for --projections; pass --projections too")
     return features_from_flags(model, args.projections, args.budget, args.ranks) if args.projections else None
+
+
+def plan_from_flags(model, args, sweep: bool) -> tuple:
+    """(features, policy, keep (L, H_kv), exact) of --plan: its ranks cut --projections' bases, its policy (--gate
+    for a gate) keeps each head's own top n."""
+    from compress import load_projections, uniform_ranks
+    from plan import load_plan
+    given = [f for f, v in (("ranks", args.ranks), ("keep", args.keep), ("evict", args.evict),
+                            ("evict-sweep", sweep)) if v not in (None, False)]
+    if given:
+        raise KVNestError(f"--{given[0]} is set by --plan (each head's ranks, keep ratio and the policy); drop it")
+    plan = load_plan(args.plan, model, args.budget)
+    if plan.compressed(model.args.head_dim) != bool(args.projections):
+        raise KVNestError(f"--plan {args.plan} " + ("cuts ranks: pass the --projections it was searched with"
+                          if args.projections is None else "keeps every rank: drop --projections"))
+    if (plan.policy == "gate" and plan.evicts) != bool(args.gate):
+        raise KVNestError(f"--plan {args.plan} evicts with {plan.policy if plan.evicts else 'nothing'}: "
+                          + ("pass its --gate" if args.gate is None else "drop --gate"))
+    full = None
+    if args.projections:
+        proj = load_projections(args.projections, model)[0]
+        if proj.key_mode != plan.key_mode:
+            raise KVNestError(f"--plan {args.plan} was searched for keys {plan.key_mode}, --projections holds "
+                              f"{proj.key_mode}; pass the projections it was searched with")
+        with torch.no_grad():
+            full = proj.features(*uniform_ranks(model, 1.0))
+    if not plan.evicts:
+        return plan.features(full), None, 1.0, None
+    from gate import load_gate
+    policy = load_gate(args.gate, model)[0] if args.gate else baseline(plan.policy)
+    return plan.features(full), policy, plan.keep, True

@@ -91,8 +91,11 @@ class Gate(nn.Module, Policy):
         return (f * self.w[layer][:, None]).sum(-1) + content + self.c[layer][:, None]
 
     def flags(self, scores, keep, exact, train):
-        """Exact: one threshold over all the given layers and heads (n = keep of their entries); else z >= 0."""
-        return joint_flags(scores, keep, train) if exact else flags_from_scores(scores, keep, False, train)
+        """Exact: one threshold over all the given layers and heads (n = keep of their entries), or with keep per
+        head ((layers, H_kv), a joint plan) each head's top n; else z >= 0."""
+        if exact and not torch.is_tensor(keep):
+            return joint_flags(scores, keep, train)
+        return flags_from_scores(scores, keep, exact, train)
 
     def score(self, layer, x, q, k, keep):
         f = self.features(layer, x.float(), q.detach(), k.detach())  # (B, H_kv, T, F)

@@ -113,7 +113,7 @@ class HeadGroup(nn.Module):
     entries each sequence holds per head. New entries go to the next free slots. Optional:
       U_k (n, D, r_k), U_v (n, D, r_v), b_v (n, D): entries stored in these bases (None: as they are); pre_rope:
       keys stored before RoPE, rebuilt U_k k_c and rotated when read (else after RoPE, scored in the basis);
-      pos (B, n, S): each slot's position, after compaction for pre-RoPE keys (else slot j holds position j);
+      pos (B, n, S): each slot's position once compaction dropped pre-RoPE keys (else slot j holds position j);
       keep (B, n, S) soft flags and `recent`: a query at slot i reads slot j with weight keep_j + (1 - keep_j)
       [i - j < recent] (evict.py's eviction inside the prefill; keep_j = 1 for anything written later)."""
 
@@ -248,8 +248,9 @@ class LayerCache(nn.Module):
                 take = lambda buf: buf.gather(2, order[..., None].expand(-1, -1, -1, buf.shape[-1]))  # noqa: E731
                 pad = lambda t: F.pad(t, (0, 0, 0, room))  # noqa: E731
                 part = lambda t: None if t is None else t[heads]  # noqa: E731
-                pos = None if not g.pre_rope else F.pad(order if g.pos is None else g.pos[:, heads].gather(2, order),
-                                                        (0, room))  # each kept entry's position
+                kept_all = g.pos is None and bool(f[:, heads].all())  # slot j still holds position j
+                pos = None if not g.pre_rope or kept_all else F.pad(
+                    order if g.pos is None else g.pos[:, heads].gather(2, order), (0, room))  # each entry's position
                 self.groups.append(HeadGroup(g.heads[heads].tolist(), pad(take(g.k[:, heads])),
                                              pad(take(g.v[:, heads])), held[:, heads].clone(), part(g.U_k),
                                              part(g.U_v), part(g.b_v), g.pre_rope, pos))

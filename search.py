@@ -139,19 +139,25 @@ def write_results(found: dict, path: Path, meta: dict, target: float) -> None:
     path.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
-def plot_ranks(rank_k: list, rank_v: list, budget: float, path: Path) -> None:
+def plot_ranks(rank_k: list, rank_v: list, budget: float, path: Path, keep: list | None = None,
+               title: str = "MatryoshkaKV searched ranks") -> None:
+    """Heatmaps of K and V ranks per layer and KV head (and of keep ratios, for a joint plan)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(6, 8), sharey=True)
-    for ax, ranks, name in zip(axes, (rank_k, rank_v), ("K", "V")):
-        im = ax.imshow(ranks, aspect="auto", cmap="viridis", vmin=0, vmax=max(max(r) for r in rank_k + rank_v))
-        for (layer, head), r in ((divmod(i, len(ranks[0])), r) for i, r in enumerate(sum(ranks, []))):
-            ax.text(head, layer, str(r), ha="center", va="center", fontsize=6, color="w")
-        ax.set(title=f"{name} ranks", xlabel="KV head", xticks=range(len(ranks[0])))
+    panels = [(rank_k, "K ranks"), (rank_v, "V ranks")] + ([(keep, "keep ratio")] if keep is not None else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 8), sharey=True)
+    top = max(max(r) for r in rank_k + rank_v)
+    for ax, (table, name) in zip(axes, panels):
+        im = ax.imshow(table, aspect="auto", cmap="viridis", vmin=0, vmax=1 if table is keep else top)
+        for (layer, head), r in ((divmod(i, len(table[0])), r) for i, r in enumerate(sum(table, []))):
+            ax.text(head, layer, f"{r:g}", ha="center", va="center", fontsize=6, color="w")
+        ax.set(title=name, xlabel="KV head", xticks=range(len(table[0])))
+        if table is keep:
+            fig.colorbar(im, ax=ax, shrink=0.6, label="keep")
     axes[0].set_ylabel("layer")
-    fig.colorbar(im, ax=axes, shrink=0.6, label="rank")
-    fig.suptitle(f"MatryoshkaKV searched ranks, budget {budget:.1%}")
+    fig.colorbar(im if keep is None else axes[0].images[0], ax=axes[:2], shrink=0.6, label="rank")
+    fig.suptitle(f"{title}, budget {budget:.1%}")
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

@@ -16,6 +16,8 @@ NUMERIC = {  # script: flags that take a number
     "passkey": ["--length", "--keep", "--samples", "--budget"],
     "bench": ["--steps", "--rounds", "--budget", "--keep"],
     "retrieval": ["--samples"],
+    "joint": ["--budget", "--calib-windows", "--seq-len", "--ctx-len", "--rank-step", "--keep-step", "--per-round",
+              "--windows"],
 }
 REQUIRED = {"generate": ["--prompt", "w1"], "search": ["--projections", "p.safetensors"]}
 BAD = ["abc", "nan", "inf", "-1"]  # not a number, not finite, negative: refused by every numeric flag
@@ -98,6 +100,21 @@ COMBINATIONS = [  # (script, flags, what the error says)
     ("bench", ["--kinds", "full,nope"], "unknown kinds"),
     ("bench", ["--contexts", "1024,x"], "--contexts '1024,x': pass whole numbers"),
     ("bench", ["--batches", "0"], "pass whole numbers >= 1"),
+    ("bench", ["--kinds", "full,plan"], "unknown kinds ['plan']"),
+    ("joint", ["--policy", "gate"], "--gate is the policy of --policy gate; pass both or neither"),
+    ("joint", ["--gate", "g.safetensors"], "pass both or neither"),
+    ("joint", ["--ranks", "r.json"], "pass --projections too"),
+    ("joint", ["--ctx-len", "600"], "must leave continuation tokens"),
+    ("joint", ["--seq-len", "300", "--ctx-len", "100"], "exceeds the model's context of 256"),
+    ("joint", ["--seq-len", "48", "--ctx-len", "32", "--per-round", "4"], "pass 1 to 3"),
+    ("joint", ["--seq-len", "48", "--ctx-len", "32", "--budget", "0.1"], "is below 0.1250"),
+    ("joint", ["--seq-len", "48", "--ctx-len", "32", "--keep-step", "1"], "keep step 1.0 in (0, 1)"),
+    ("eval", ["--plan", "nope.json"], "plan nope.json does not exist; make one with `python joint.py`"),
+    ("eval", ["--plan", "p.json", "--sweep"], "--plan sets each head's ranks and exact keep; drop --sweep"),
+    ("eval", ["--plan", "p.json", "--transformers"], "drop --plan"),
+    ("eval", ["--plan", "p.json", "--evict-sweep"], "--evict-sweep is set by --plan"),
+    ("generate", ["--prompt", "w1", "--plan", "p.json", "--evict", "h2o"], "--evict is set by --plan"),
+    ("generate", ["--prompt", "w1", "--plan", "p.json", "--ranks", "r.json"], "--ranks is set by --plan"),
 ]
 
 

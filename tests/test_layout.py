@@ -36,8 +36,8 @@ def test_imports_form_no_cycle_and_model_imports_nothing_of_the_project():
     for name in graph:
         visit(name)
     methods = {"compress", "evict", "gate"}
-    scripts = {"generate", "train", "search", "passkey", "bench", "eval", "kernels", "flags"}
-    assert all(not graph[m] & scripts for m in methods), "a method imports a script"
+    scripts = {"generate", "train", "search", "joint", "passkey", "bench", "eval", "kernels", "flags"}
+    assert all(not graph[m] & scripts for m in methods | {"plan"}), "a method imports a script"
 
 
 def test_every_file_stays_under_about_400_lines():
