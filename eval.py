@@ -21,6 +21,7 @@ full cache. With --projections too, the cache is compressed as well (both axes a
     python eval.py --evict gate --gate runs/gate.safetensors --keep 0.5 --gate-new --window 32
     python eval.py --evict-sweep --gate runs/gate.safetensors
     python eval.py --evict snapkv --keep 0.5 --projections runs/matryoshka.safetensors --budget 0.5   # both axes
+    python eval.py --plan runs/plan.json --budget 0.25 --projections runs/matryoshka.safetensors   # joint.py's plan
 """
 import json
 import math

@@ -4,6 +4,7 @@
     python generate.py --prompt "..." --projections runs/matryoshka.safetensors --budget 0.5   # MatryoshkaKV
     python generate.py --prompt "..." --evict gate --gate runs/gate.safetensors --keep 0.5   # evict the prompt
     python generate.py --prompt "..." --compile      # kernels.py's compiled step (default on CUDA)
+    python generate.py --prompt "..." --plan runs/plan.json --projections runs/matryoshka.safetensors   # joint.py
 
 Text streams as it is decoded; the tokens/s and the cache's size follow on stderr.
 """
