@@ -5,10 +5,9 @@ import torch
 
 from assets import Tokenizer, default_model_folder
 from errors import KVNestError, ratio
-from evict import BASELINES, baseline
+from evict import baseline
+from plan import POLICIES, load_plan
 from weights import load_model
-
-METHODS = (*BASELINES, "gate")
 
 
 def add_model_flags(parser) -> None:
@@ -51,7 +50,7 @@ def add_compression_flags(p, sweep: bool = False) -> None:
     p.add_argument("--projections", help="MatryoshkaKV checkpoint (train.py) for compressed features")
     p.add_argument("--budget", type=ratio, help="MatryoshkaKV budget in (0, 1], with --projections")
     p.add_argument("--ranks", help="per-head ranks JSON from search.py, with --projections and --budget")
-    p.add_argument("--evict", choices=METHODS, help="evict the context's cache after (or inside) the prefill")
+    p.add_argument("--evict", choices=POLICIES, help="evict the context's cache after (or inside) the prefill")
     p.add_argument("--gate", help="gate checkpoint from `python train.py --method gate`, with --evict gate")
     p.add_argument("--keep", type=ratio, help="kept fraction of the context's cache with --evict (default 0.5)")
     p.add_argument("--plan", help="joint plan from joint.py: each head's ranks and keep ratio, and the policy (with "
@@ -97,7 +96,6 @@ def plan_from_flags(model, args, sweep: bool) -> tuple:
     """(features, policy, keep (L, H_kv), exact) of --plan: its ranks cut --projections' bases, its policy (--gate
     for a gate) keeps each head's own top n."""
     from compress import load_projections, uniform_ranks
-    from plan import load_plan
     given = [f for f, v in (("ranks", args.ranks), ("keep", args.keep), ("evict", args.evict),
                             ("evict-sweep", sweep)) if v not in (None, False)]
     if given:

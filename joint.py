@@ -169,19 +169,19 @@ def joint_search(model: Transformer, full, policy, policy_name: str, windows: to
     return found
 
 
-def compare(model: Transformer, windows: torch.Tensor, ctx_len: int, policy, found: dict, proj,
+def compare(model: Transformer, windows: torch.Tensor, ctx_len: int, policy, found: dict, full,
             ranks: str | None) -> dict:
     """{budget: {setting: eval.score_evictions' result with "bytes", the share of the full cache's bytes}} for the
-    plan, eviction alone and MatryoshkaKV alone (uniform ranks; searched with `ranks`) at each budget."""
+    plan, eviction alone and MatryoshkaKV alone (uniform ranks; searched with `ranks`) at each budget. full: the
+    bases at full rank the search used (None: no projections)."""
     a, s = model.args, model.lm_head.weight.element_size()
-    full_bytes = Plan.full(model, "snapkv", "post_rope").nbytes(ctx_len, 1, a.head_dim, s)
-    full = None if proj is None else proj.features(*uniform_ranks(model, 1.0))
+    full_bytes = KVCache(model, 1, ctx_len).nbytes()
     cells, runs = [], []
     for budget, (plan, _) in found.items():
         cells.append((budget, "eviction alone", None))
         runs.append((policy, budget, True, None))
-        mats = {"MatryoshkaKV alone, uniform": uniform_ranks(model, budget)} if proj is not None else {}
-        if ranks and proj is not None:
+        mats = {"MatryoshkaKV alone, uniform": uniform_ranks(model, budget)} if full is not None else {}
+        if ranks and full is not None:
             mats["MatryoshkaKV alone, searched"] = load_ranks(ranks, model, budget)
         for name, (rk, rv) in mats.items():
             alone = replace(Plan.full(model, plan.policy, plan.key_mode), rank_k=rk, rank_v=rv)
@@ -276,7 +276,7 @@ def main(argv=None):
     results = None
     if not args.no_table:
         windows = eval_windows(tok, None, args.windows, args.seq_len)
-        results = compare(model, windows, args.ctx_len, policy, found, proj, args.ranks)
+        results = compare(model, windows, args.ctx_len, policy, found, full, args.ranks)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"model": model.fingerprint(), "base_model": folder, "projections": args.projections, "gate": args.gate,
