@@ -11,7 +11,9 @@ a head's entries, a rank step a share of each kept entry), so they are ranked by
     cost = (KL(plan with the move) - KL(plan)) / (budget(plan) - budget(plan with the move)),
 
 and the --per-round cheapest are applied in that order. The path is nested: every budget of --record on the way is
-recorded (the first plan at or below it).
+recorded (the first plan at or below it). With --shortlist N the search is lazy after its first round: it measures
+again only the units just moved and the cheapest of the others by their last cost, N in all (a cost measured at a
+larger plan stands in for the rest); that makes a round N candidates instead of every unit.
 
 A move at layer l changes nothing before l, and eviction after the prefill changes nothing in the context's later
 layers. So the protocol runs layer by layer (the context through layer l, its scores, flags and compaction, then
@@ -118,10 +120,13 @@ def lowered(plan: Plan, unit: str, layer: int, head: int, rank_step: int, keep_s
 @torch.no_grad()
 def joint_search(model: Transformer, full, policy, policy_name: str, windows: torch.Tensor, ctx_len: int,
                  target: float, record=(0.5, 0.25, 0.125), rank_step: int = 8, keep_step: float = 0.125,
-                 per_round: int | None = None) -> dict:
+                 per_round: int | None = None, shortlist: int | None = None) -> dict:
     """Plans from the full cache down to `target`, one per budget in `record` on the way and the target:
     {budget: (Plan, {"kl": calibration KL, "budget": its exact budget})}. full: compress.Matryoshka at full rank
-    (None: ranks stay at head_dim, only keep ratios move). per_round: default 64, or half the units if fewer."""
+    (None: ranks stay at head_dim, only keep ratios move). per_round: default 64, or half the units if fewer.
+    shortlist: after the first round, measure again only the units whose last cost is among the `shortlist`
+    cheapest and the units just moved (lazy greedy: a cost measured at a larger plan stands for the others);
+    None: every unit every round."""
     a, s = model.args, model.lm_head.weight.element_size()
     D = a.head_dim
     if not 1 <= rank_step <= D or not 0 < keep_step < 1:
@@ -138,7 +143,10 @@ def joint_search(model: Transformer, full, policy, policy_name: str, windows: to
     if target < floor:
         raise KVNestError(f"budget {target} is below {floor:.4f}, the plan with every rank and keep at its lowest "
                           f"step; raise --budget or lower --rank-step/--keep-step")
-    runner, found = LayerRunner(model, full, policy, windows, ctx_len), {}
+    if shortlist is not None and not per_round <= shortlist <= len(units):
+        raise KVNestError(f"a shortlist of {shortlist} units: pass {per_round} (the moves per round) to "
+                          f"{len(units)} (every unit)")
+    runner, found, costs = LayerRunner(model, full, policy, windows, ctx_len), {}, {}  # unit -> its last cost
     wanted = sorted({b for b in record if target <= b <= 1} | {target}, reverse=True)
     kl = runner.kl(plan, 0, record=True)
     bar = tqdm(total=round(1000 * (1 - target)), desc="joint search (per mille of the bytes saved)")
@@ -148,17 +156,28 @@ def joint_search(model: Transformer, full, policy, policy_name: str, windows: to
             found[wanted.pop(0)] = (plan, {"kl": kl, "budget": budget})
         if not wanted:
             break
+        fresh = [u for u in units if u not in costs]  # never measured, or moved last round
+        stale = sorted(costs, key=costs.get)  # cheapest first
+        measure = set(fresh + (stale if shortlist is None else stale[:max(0, shortlist - len(fresh))]))
         candidates = []
-        for unit, layer, head in tqdm(units, desc=f"candidates at {budget:.1%}", leave=False):
+        for unit, layer, head in tqdm([u for u in units if u in measure], desc=f"candidates at {budget:.1%}",
+                                      leave=False):
             new = lowered(plan, unit, layer, head, rank_step, keep_step)
             saved = 0 if new is None else budget - new.budget(D, s)  # a first eviction of pre-RoPE keys may cost
             if saved > 0:
                 after = layer if unit == "keep" else None  # a keep move changes no context
-                candidates.append(((runner.kl(new, layer, same_context_after=after) - kl) / saved, unit, layer, head))
+                cost = (runner.kl(new, layer, same_context_after=after) - kl) / saved
+                costs[unit, layer, head] = cost
+                candidates.append((cost, unit, layer, head))
+            elif new is None:  # at its floor: never measured again
+                units = [u for u in units if u != (unit, layer, head)]
+            else:  # saves nothing now (a first rank cut adds positions to every evicting pre-RoPE head): last
+                costs[unit, layer, head] = float("inf")
         if not candidates:
             raise KVNestError(f"the search stopped at budget {budget:.4f}: no move saves bytes; raise --budget")
         candidates.sort()  # cheapest first; ties keep the fixed unit order, so the search is deterministic
         for _, unit, layer, head in candidates[:per_round]:
+            del costs[unit, layer, head]  # measured again next round
             plan = lowered(plan, unit, layer, head, rank_step, keep_step)
             if plan.budget(D, s) <= wanted[0] + 1e-9:
                 break  # a recorded budget is reached: record it before lowering more
@@ -246,6 +265,8 @@ def main(argv=None):
     p.add_argument("--keep-step", type=ratio, default=0.125, help="keep ratio decrement, in (0, 1)")
     p.add_argument("--per-round", type=count, default=None, help="moves applied per round (1: the exact greedy; "
                    "default 64, or half the units if fewer; fewer than the units: 3 x L x H_kv with projections)")
+    p.add_argument("--shortlist", type=count, help="after the first round, measure only this many units, the "
+                   "cheapest at their last measurement, and those just moved (default: every unit every round)")
     p.add_argument("--ranks", help="search.py ranks file: adds MatryoshkaKV alone at searched ranks to the table")
     p.add_argument("--windows", type=count, default=8, help="eval windows of the closing table")
     p.add_argument("--no-table", action="store_true", help="skip the closing table")
@@ -272,7 +293,7 @@ def main(argv=None):
     calib = mixed_windows(sources, args.calib_len, args.calib_windows)
     step = args.rank_step or max(1, model.args.head_dim // 8)
     found = joint_search(model, full, policy, args.policy, calib, args.calib_ctx, args.budget, args.record, step,
-                         args.keep_step, args.per_round)
+                         args.keep_step, args.per_round, args.shortlist)
     results = None
     if not args.no_table:
         windows = eval_windows(tok, None, args.windows, args.seq_len)
@@ -281,6 +302,7 @@ def main(argv=None):
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"model": model.fingerprint(), "base_model": folder, "projections": args.projections, "gate": args.gate,
             "rank_step": step, "keep_step": args.keep_step, "per_round": args.per_round,
+            "shortlist": args.shortlist,
             "calibration": f"{args.calib_windows} x {args.calib_len} ({args.calib_ctx} context)"}
     print(write_results(out, found, results, meta, args.budget, model.args.head_dim))
     print(f"wrote {out}, {out.with_suffix('.md')}" + ("" if results is None else f", {out.with_suffix('.png')}"))

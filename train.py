@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from assets import data_weight, load_mix, load_pairs, mixed_windows
 from compress import KEY_MODES, Projections, load_projections, pca_projections, save_projections, uniform_ranks
-from errors import KVNestError, Parser, count, nonnegative, positive, ratio, ratios, run_cli
+from errors import KVNestError, Parser, count, nonnegative, positive, ratio, ratios, run_cli, size
 from eval import SWEEP_BUDGETS, eval_windows, eviction_table, score
 from evict import Protocol, prefill
 from flags import add_model_flags, model_from_flags
@@ -42,7 +42,7 @@ from model import KVCache, Transformer
 # Flags that define what is trained; a resumed run must agree on them.
 RUN_FLAGS = ("method", "key_mode", "seq_len", "batch", "lr", "warmup", "clip", "kl_weight", "ce_weight",
              "rank_step", "seed", "steps", "calib_windows", "data", "keep", "keep_weight", "ctx_len",
-             "protocol", "sft", "keeps")
+             "protocol", "sft", "keeps", "window")
 
 
 def lr_at(step: int, steps: int, lr: float, warmup: float) -> float:
@@ -109,7 +109,7 @@ def check_resume(out: Path, meta: dict, cfg: dict, extra: dict) -> int:
             step > 0 and not extra):
         raise KVNestError(f"--resume with {out}: it lacks a valid config, step (0 to {cfg['steps']}) or optimizer "
                           f"state; the checkpoint is damaged, train again without --resume")
-    old = dict(old, **{k: same_file(old.get(k), cfg[k]) for k in ("data", "sft")})
+    old = {"window": 0, **old, **{k: same_file(old.get(k), cfg[k]) for k in ("data", "sft")}}  # window: 0 before
     differ = ", ".join(f"{k}={old.get(k)}" for k in RUN_FLAGS if old.get(k) != cfg.get(k))
     if differ:
         raise KVNestError(f"--resume with {out}: the checkpoint was trained with {differ}; pass the same flags")
@@ -222,6 +222,8 @@ def train_gate(model: Transformer, sources: list | None, cfg: dict, out: Path, m
         calibrate_gate(model, gate, calib[:, :ctx].to(model.inv_freq.device), start_keep)
     meta = dict(meta_extra, keep=keeps or cfg["keep"], model=model.fingerprint(), config=cfg)
 
+    protocol = Protocol(inside=cfg["protocol"] == "inside", window=cfg["window"])
+
     def step_loss(step, gen):
         x, ctx = sample(gen)
         x = x.to(model.inv_freq.device)
@@ -231,7 +233,7 @@ def train_gate(model: Transformer, sources: list | None, cfg: dict, out: Path, m
         cache = KVCache(model, x.shape[0], x.shape[1] - 1)
         with autocast_for(model):
             ctx_logits, flags = prefill(model, x[:, :ctx], cache, gate, keep, exact=bool(keeps), compact=False,
-                                        train=True, protocol=Protocol(inside=cfg["protocol"] == "inside"))
+                                        train=True, protocol=protocol)
             student = torch.cat([ctx_logits[:, -1:], model(x[:, ctx:-1], ctx, cache)], 1)
         kept = torch.stack([f.mean() for f in flags]).mean()
         loss = distill_loss(teacher, student, x[:, ctx:], cfg["kl_weight"], cfg["ce_weight"])
@@ -292,6 +294,8 @@ def main(argv=None):
     p.add_argument("--ctx-len", type=count, default=384, help="gate: context tokens of each window")
     p.add_argument("--protocol", choices=["after", "inside"], default="after",
                    help="gate: evict after a full-attention prefill or inside it (the paper's protocol)")
+    p.add_argument("--window", type=size, default=0, help="gate: the last W context entries are forced "
+                   "kept; inside the prefill each context query also sees its own last W (eval.py --window)")
     p.add_argument("--sft", help="gate: supervised fine-tuning on a .jsonl of {\"prompt\", \"answer\"} pairs (the "
                    "prompt is evicted, the loss is on the answer; one pair per step; format prompts yourself)")
     p.add_argument("--seed", type=int, default=0)
@@ -311,7 +315,7 @@ def main(argv=None):
     if args.out.parent.exists() and not args.out.parent.is_dir():
         raise KVNestError(f"--out {args.out}: {args.out.parent} is a file, not a folder")
     given = [f for f in ("key_mode", "rank_step", "calib_windows") if getattr(args, f) != p.get_default(f)]
-    gate_only = ("keep", "keep_weight", "ctx_len", "protocol", "sft", "keeps")
+    gate_only = ("keep", "keep_weight", "ctx_len", "protocol", "sft", "keeps", "window")
     given = given if args.method == "gate" else [f for f in gate_only if getattr(args, f) != p.get_default(f)]
     given = given or [f for f in ("keep", "keep_weight") if args.keeps and getattr(args, f) != p.get_default(f)]
     if given:
@@ -344,7 +348,7 @@ def main(argv=None):
         gate = train_gate(model, sources, cfg, args.out, meta, args.resume, pairs, **fit_kw)
         table = None if args.no_table else eviction_table(
             model, eval_windows(tok, args.eval_data, 8, args.seq_len + 1), {"gate": gate}, args.keeps or [args.keep],
-            args.ctx_len, protocol=Protocol(inside=args.protocol == "inside"))[0]
+            args.ctx_len, protocol=Protocol(inside=args.protocol == "inside", window=args.window))[0]
     print(f"saved {args.out}")
     if table:
         args.out.with_suffix(".md").write_text(table + "\n")

@@ -11,13 +11,14 @@ NUMERIC = {  # script: flags that take a number
     "generate": ["--max-new-tokens", "--temperature", "--max-len", "--budget", "--keep"],
     "eval": ["--windows", "--seq-len", "--budget", "--keep", "--ctx-len", "--sinks", "--window"],
     "train": ["--steps", "--batch", "--seq-len", "--lr", "--warmup", "--clip", "--kl-weight", "--ce-weight",
-              "--rank-step", "--calib-windows", "--keep", "--keep-weight", "--ctx-len", "--save-every"],
+              "--rank-step", "--calib-windows", "--keep", "--keep-weight", "--ctx-len", "--save-every",
+              "--window"],
     "search": ["--budget", "--calib-windows", "--calib-len", "--step", "--min-rank", "--per-round"],
     "passkey": ["--length", "--keep", "--samples", "--budget"],
     "bench": ["--steps", "--rounds", "--budget", "--keep"],
     "retrieval": ["--samples"],
     "joint": ["--budget", "--calib-windows", "--seq-len", "--ctx-len", "--rank-step", "--keep-step", "--per-round",
-              "--windows"],
+              "--shortlist", "--windows"],
 }
 REQUIRED = {"generate": ["--prompt", "w1"], "search": ["--projections", "p.safetensors"]}
 BAD = ["abc", "nan", "inf", "-1"]  # not a number, not finite, negative: refused by every numeric flag
@@ -108,6 +109,8 @@ COMBINATIONS = [  # (script, flags, what the error says)
     ("joint", ["--seq-len", "300", "--ctx-len", "100"], "exceeds the model's context of 256"),
     ("joint", ["--seq-len", "48", "--ctx-len", "32", "--per-round", "4"], "pass 1 to 3"),
     ("joint", ["--seq-len", "48", "--ctx-len", "32", "--budget", "0.1"], "is below 0.1250"),
+    ("joint", ["--seq-len", "48", "--ctx-len", "32", "--per-round", "2", "--shortlist", "1"],
+     "a shortlist of 1 units: pass 2 (the moves per round) to 4"),
     ("joint", ["--seq-len", "48", "--ctx-len", "32", "--keep-step", "1"], "keep step 1.0 in (0, 1)"),
     ("eval", ["--plan", "nope.json"], "plan nope.json does not exist; make one with `python joint.py`"),
     ("eval", ["--plan", "p.json", "--sweep"], "--plan sets each head's ranks and exact keep; drop --sweep"),

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from checkpoints import load_checkpoint, save_checkpoint
 from conftest import run_config
 from errors import KVNestError
 from eval import score_eviction
@@ -275,10 +276,29 @@ def test_training_lowers_kl_and_resume_is_exact(tiny_llama, tmp_path):
     whole = train_gate(model, [(ids, 1.0)], gate_cfg(), tmp_path / "a.safetensors", {})
     assert score_eviction(model, held_out, whole, 0.5, 32, exact=True)["kl"] < 0.7 * before
     train_gate(load_model(tiny_llama[0]), [(ids, 1.0)], gate_cfg(), tmp_path / "b.safetensors", {}, stop_after=12)
+    tensors, meta = load_checkpoint(tmp_path / "b.safetensors", model, "gate", "train")
+    del meta["config"]["window"]  # as written before --window existed: it trained with 0
+    save_checkpoint(tmp_path / "b.safetensors", tensors, meta)
     resumed = train_gate(load_model(tiny_llama[0]), [(ids, 1.0)], gate_cfg(), tmp_path / "b.safetensors", {},
                          resume=True)
     for name, p in whole.named_parameters():
         assert torch.equal(p, dict(resumed.named_parameters())[name]), name
+
+
+def test_a_gate_trained_inside_with_a_recent_window_lowers_kl_under_that_protocol(tiny_llama, tmp_path):
+    """train.py --protocol inside --window W: training runs the protocol eval.py scores with --window W (each context
+    query sees its own last W entries, the last W are kept), so the gate trains for it and differs from W = 0."""
+    ids = tokens(100, 1)[0].repeat(20)
+    held_out = ids[7:487].view(10, 48)
+    model = load_model(tiny_llama[0])
+    inside = Protocol(inside=True, window=4)
+    start = Gate(2, 2, 64)
+    calibrate_gate(model, start, ids[:94].view(2, 47)[:, :32], 0.5)
+    before = score_eviction(model, held_out, start, 0.5, 32, True, inside)["kl"]
+    gates = {w: train_gate(model, [(ids, 1.0)], gate_cfg(protocol="inside", window=w), tmp_path / f"{w}.safetensors",
+                           {}) for w in (0, 4)}
+    assert score_eviction(model, held_out, gates[4], 0.5, 32, True, inside)["kl"] < 0.95 * before  # 0.445 -> 0.402
+    assert not torch.equal(gates[0].w, gates[4].w)
 
 
 def test_sft_on_prompt_answer_pairs_lowers_the_answer_kl(tiny_llama, tmp_path):
@@ -374,3 +394,4 @@ def test_a_compact_cache_refuses_to_overflow(llama):
         llama(tokens(1, 1), 20, cache)
         with pytest.raises(ModelError, match="exceeds the cache of 21"):
             llama(tokens(1, 1), 21, cache)
+

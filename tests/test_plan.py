@@ -153,6 +153,59 @@ def test_the_search_path_is_nested_and_records_each_budget(llama):
     assert (plan.rank_k == 16).all() and plan.budget(16, 4) <= 0.5 and plan.features(None) is None
 
 
+def test_a_shortlist_of_every_unit_is_the_full_search_and_a_short_one_measures_fewer(llama, monkeypatch):
+    """--shortlist: a shortlist as long as the units (12 here) is the search without one (same plans, same KLs); a
+    shorter one measures at most that many candidates a round after the first, and still reaches each budget."""
+    x, full = tokens(48, batch=2, seed=4), full_bases(llama, "pre_rope")
+    measured, kl = [], LayerRunner.kl  # candidates measured per round
+
+    def counting(self, plan, start=0, record=False, same_context_after=None):
+        if record:
+            measured.append(0)
+        else:
+            measured[-1] += 1
+        return kl(self, plan, start, record, same_context_after)
+    monkeypatch.setattr(LayerRunner, "kl", counting)
+    runs, per_round = {}, {}
+    for n in (None, 12, 4):
+        measured.clear()
+        runs[n] = joint_search(llama, full, SnapKV(obs=4), "snapkv", x, 32, 0.3, (0.5,), 4, per_round=3, shortlist=n)
+        per_round[n] = measured[:-1]  # the last plan is measured without candidates after it
+    for b, (plan, extra) in runs[None].items():
+        same = runs[12][b]
+        assert same[1] == extra and all(torch.equal(getattr(same[0], f), getattr(plan, f))
+                                        for f in ("rank_k", "rank_v", "keep"))
+    assert per_round[None] == per_round[12] and per_round[None][0] == 12
+    assert per_round[4][0] == 12 and max(per_round[4][1:]) <= 4 and len(per_round[4]) > 2
+    (hi, _), (lo, extra) = runs[4].values()
+    assert list(runs[4]) == [0.5, 0.3] and extra["budget"] <= 0.3
+    assert (lo.keep <= hi.keep).all() and (lo.rank_k <= hi.rank_k).all() and (lo.rank_v <= hi.rank_v).all()
+    with pytest.raises(KVNestError, match=re.escape("a shortlist of 2 units: pass 3 (the moves per round) to 12")):
+        joint_search(llama, full, SnapKV(obs=4), "snapkv", x, 32, 0.3, per_round=3, shortlist=2)
+
+
+def test_moves_that_save_no_bytes_do_not_hold_the_shortlist(monkeypatch):
+    """Once every head evicts, a first rank cut saves nothing (it adds a position to every evicting pre-RoPE head's
+    entries): such moves wait at the end of the shortlist, so the search still reaches its budget. The default
+    model's shape and a KL that only counts bytes, with noise (the search's own arithmetic, no forward pass)."""
+    from types import SimpleNamespace
+    import joint
+
+    class BytesOnly:
+        def __init__(self, *args):
+            pass
+
+        def kl(self, plan, start=0, record=False, same_context_after=None):
+            seed = int(plan.keep.sum() * 1000 + plan.rank_k.sum() * 7 + plan.rank_v.sum() * 13)
+            return 1 - plan.budget(64, 4) + 0.01 * torch.rand(1, generator=torch.Generator().manual_seed(seed)).item()
+    monkeypatch.setattr(joint, "LayerRunner", BytesOnly)
+    model = SimpleNamespace(args=SimpleNamespace(n_layers=30, n_kv_heads=3, head_dim=64),
+                            lm_head=SimpleNamespace(weight=torch.zeros(1)))
+    found = joint.joint_search(model, SimpleNamespace(key_mode="pre_rope"), SnapKV(), "snapkv", None, 384, 0.125,
+                               (0.5, 0.25), 8, 0.125, per_round=48, shortlist=96)
+    assert list(found) == [0.5, 0.25, 0.125] and all(e["budget"] <= b for b, (_, e) in found.items())
+
+
 def test_plans_round_trip_and_bad_plans_are_refused(llama, tmp_path):
     plan, path = some_plan(llama), tmp_path / "plan.json"
     save_plans(path, {0.5: (plan, {"kl": 0.1})}, {"model": llama.fingerprint()}, 0.5)
