@@ -195,6 +195,11 @@ def train_matryoshka(model: Transformer, sources: list, cfg: dict, out: Path, me
     return proj
 
 
+def gate_protocol(cfg: dict) -> Protocol:
+    """The eviction protocol a gate run trains under, and its closing table scores."""
+    return Protocol(inside=cfg["protocol"] == "inside", window=cfg["window"])
+
+
 def train_gate(model: Transformer, sources: list | None, cfg: dict, out: Path, meta_extra: dict,
                resume: bool = False, pairs: list | None = None, **fit_kw) -> Gate:
     """Run (or continue) Attention-Gate training on windows of the sources ((ids, weight) pairs; each window a
@@ -222,7 +227,7 @@ def train_gate(model: Transformer, sources: list | None, cfg: dict, out: Path, m
         calibrate_gate(model, gate, calib[:, :ctx].to(model.inv_freq.device), start_keep)
     meta = dict(meta_extra, keep=keeps or cfg["keep"], model=model.fingerprint(), config=cfg)
 
-    protocol = Protocol(inside=cfg["protocol"] == "inside", window=cfg["window"])
+    protocol = gate_protocol(cfg)
 
     def step_loss(step, gen):
         x, ctx = sample(gen)
@@ -348,7 +353,7 @@ def main(argv=None):
         gate = train_gate(model, sources, cfg, args.out, meta, args.resume, pairs, **fit_kw)
         table = None if args.no_table else eviction_table(
             model, eval_windows(tok, args.eval_data, 8, args.seq_len + 1), {"gate": gate}, args.keeps or [args.keep],
-            args.ctx_len, protocol=Protocol(inside=args.protocol == "inside", window=args.window))[0]
+            args.ctx_len, protocol=gate_protocol(cfg))[0]
     print(f"saved {args.out}")
     if table:
         args.out.with_suffix(".md").write_text(table + "\n")

@@ -394,4 +394,3 @@ def test_a_compact_cache_refuses_to_overflow(llama):
         llama(tokens(1, 1), 20, cache)
         with pytest.raises(ModelError, match="exceeds the cache of 21"):
             llama(tokens(1, 1), 21, cache)
-
