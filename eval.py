@@ -239,6 +239,9 @@ def eviction_main(args, model, tok, features, policy, keep) -> None:
                           f"--evict gate")
     if args.seq_len <= args.ctx_len + 1:
         raise KVNestError(f"--ctx-len {args.ctx_len} leaves no continuation in --seq-len {args.seq_len}; lower it")
+    if args.gate_new:
+        from gate import check_new_tokens
+        check_new_tokens(policy)
     windows = eval_windows(tok, args.data, args.windows or 8, args.seq_len)
     if args.evict_sweep:
         table, results = eviction_table(model, windows, {"gate": policy} if policy else {}, list(EVICT_KEEPS),

@@ -54,9 +54,11 @@ def group_sum(p: torch.Tensor, n_kv: int) -> torch.Tensor:
     return p.unflatten(1, (n_kv, -1)).sum(2)
 
 
-def received_attention(q: torch.Tensor, k: torch.Tensor, n_kv: int, obs: int | None, chunk: int = 512):
+def received_attention(q: torch.Tensor, k: torch.Tensor, n_kv: int, obs: int | None, chunk: int = 512,
+                       band: int | None = None):
     """Causal attention probabilities received by each key, summed over queries (all, or the last `obs`) and the
-    group's query heads. q (B, H, T, D), k (B, H_kv, T, D) -> (B, H_kv, T)."""
+    group's query heads; with `band`, each query's softmax is over its last `band` keys only. q (B, H, T, D),
+    k (B, H_kv, T, D) -> (B, H_kv, T)."""
     B, H, T, D = q.shape
     k = k.repeat_interleave(H // n_kv, dim=1)  # (B, H, T, D)
     total = q.new_zeros(B, H, T, dtype=torch.float32)
@@ -64,7 +66,9 @@ def received_attention(q: torch.Tensor, k: torch.Tensor, n_kv: int, obs: int | N
         qi = q[:, :, start: start + chunk]  # (B, H, c, D)
         s = (qi @ k.transpose(-1, -2)).float() / math.sqrt(D)  # (B, H, c, T)
         rows = torch.arange(start, start + qi.shape[2], device=q.device)[:, None]
-        s = s.masked_fill(torch.arange(T, device=q.device)[None, :] > rows, float("-inf"))
+        keys = torch.arange(T, device=q.device)[None, :]
+        hidden = (keys > rows) | (keys <= rows - band) if band else keys > rows
+        s = s.masked_fill(hidden, float("-inf"))
         total += s.softmax(-1).sum(2)
     return group_sum(total, n_kv)
 
@@ -79,9 +83,10 @@ class Policy:
         per head, (H_kv,)) -> scores (B, H_kv, T)."""
         raise NotImplementedError
 
-    def flags(self, scores: list, keep, exact: bool, train: bool) -> list:
-        """Keep masks (B, H_kv, T) from the scores of some layers; keep a float, or (layers, H_kv) per head."""
-        return flags_from_scores(scores, keep, exact, straight_through=train)
+    def flags(self, scores: list, keep, exact: bool, train) -> list:
+        """Keep masks (B, H_kv, T) from the scores of some layers; keep a float, or (layers, H_kv) per head; train:
+        False, True or a relaxation (flags_from_scores)."""
+        return flags_from_scores(scores, keep, exact, train)
 
 
 @dataclass
@@ -136,13 +141,16 @@ def baseline(name: str) -> Policy:
     return BASELINES[name]()
 
 
-def flags_from_scores(scores: list, keep, exact: bool, straight_through: bool = False) -> list:
+def flags_from_scores(scores: list, keep, exact: bool, train=False) -> list:
     """Keep masks (B, H_kv, T) per layer. exact: the top round(T * keep) per (layer, head), keep a float or
-    (layers, H_kv) per head; else the gate's own threshold z >= 0, with the straight-through estimator when
-    training (forward: hard flags; backward: d sigmoid(z))."""
+    (layers, H_kv) per head; else the gate's own threshold z >= 0. Training (train) uses the straight-through
+    estimator (train=True; forward: hard flags; backward: d sigmoid(z)) or a relaxation, a callable from logits
+    to soft flags in [0, 1] (gate.GumbelSigmoid)."""
     if not exact:
+        if callable(train):
+            return [train(z) for z in scores]
         hard = [(z >= 0).float() for z in scores]
-        if not straight_through:
+        if not train:
             return hard
         return [h + (torch.sigmoid(z) - torch.sigmoid(z).detach()) for h, z in zip(hard, scores)]  # = h exactly
     return [top_flags(s, kept_count(s.shape[-1], layer_keep(keep, i))) for i, s in enumerate(scores)]
@@ -188,16 +196,16 @@ class Protocol:
 
 
 def layer_scores(attn, layer: int, x: torch.Tensor, cos, sin, policy: Policy, keep, protocol: Protocol,
-                 train: bool = False) -> torch.Tensor:
+                 train=False) -> torch.Tensor:
     """A policy's scores (B, H_kv, T) of one layer's context from the attention's input x (B, T, dim), with the
     protocol's forced entries; keep: the model's (a float or (L, H_kv))."""
     q, _, k, _ = attn.qkv(x, cos, sin)  # recomputed, as kvpress does: the layer's code stays untouched
-    with torch.set_grad_enabled(train):  # only the gate's own graph, for its training
+    with torch.set_grad_enabled(bool(train)):  # only the gate's own graph, for its training
         return protect(policy.score(layer, x, q.detach(), k.detach(), layer_keep(keep, layer)), protocol.sinks,
                        protocol.window)
 
 
-def scoring_hooks(model: Transformer, on_scores, policy: Policy, keep, protocol: Protocol, train: bool,
+def scoring_hooks(model: Transformer, on_scores, policy: Policy, keep, protocol: Protocol, train,
                   before: bool) -> list:
     """Forward (pre-)hooks on every attention layer: from its input x, score the context and hand
     on_scores(layer, scores) the result. before: ahead of the layer's attention (eviction inside the prefill)."""
@@ -212,14 +220,14 @@ def scoring_hooks(model: Transformer, on_scores, policy: Policy, keep, protocol:
 
 def prefill(model: Transformer, context: torch.Tensor, cache: KVCache, policy: Policy, keep,
             protocol: Protocol = Protocol(), exact: bool | None = None, compact: bool = True,
-            train: bool = False) -> tuple[torch.Tensor, list]:
+            train=False) -> tuple[torch.Tensor, list]:
     """Prefill the context (B, T_ctx) into an empty `cache` and evict, after the prefill or inside it. Returns
     (context logits, flags per layer (B, H_kv, T_ctx)); continue with model(tokens, T_ctx, cache). compact: the
     cache keeps only the flagged entries (and room for cache.size - T_ctx more); else its slots are weighed by the
-    flags (differentiable with train=True). exact defaults to the policy's own rule (top-n per head for baselines,
-    the threshold z >= 0 for the gate); an exact gate keeps the top n over all layers and heads after the prefill,
-    over the heads of each layer inside it. keep: a float, or (L, H_kv) ratios, one per head (a joint plan,
-    plan.py: then every policy, the gate too, keeps each head's own top n)."""
+    flags (differentiable with train: True, straight-through, or a relaxation). exact defaults to the policy's own
+    rule (top-n per head for baselines, the threshold z >= 0 for the gate); an exact gate keeps the top n over all
+    layers and heads after the prefill, over the heads of each layer inside it. keep: a float, or (L, H_kv) ratios,
+    one per head (a joint plan, plan.py: then every policy, the gate too, keeps each head's own top n)."""
     check_keep(keep)
     check_evictable(model)
     protocol.check()
@@ -234,7 +242,7 @@ def prefill(model: Transformer, context: torch.Tensor, cache: KVCache, policy: P
 
     handles = scoring_hooks(model, on_scores, policy, keep, protocol, train, before=protocol.inside)
     try:
-        with torch.set_grad_enabled(train and protocol.inside):  # inside: the gate trains through the prefill too
+        with torch.set_grad_enabled(bool(train) and protocol.inside):  # inside: the gate trains through the prefill too
             logits = model(context, 0, cache)
     finally:
         for h in handles:

@@ -14,8 +14,12 @@ heads and layers get different budgets. It starts as a fixed H2O+SnapKV-like mix
 the target keep; a gate trained from scratch on a token's own state learns little (see shared/MEASUREMENTS.md).
 
 Beyond the paper, decoded tokens can be gated too (`judging`, eval.py --gate-new): each stays visible for `window`
-queries (DMS's delayed eviction), then the gate judges it from the attention it received meanwhile, with the
-features a context token has at that distance from the end, and evicts it from the compact cache or keeps it.
+queries (DMS's delayed eviction, Lancucki et al., 2025), then a head of the gate of its own judges it and evicts it
+from the compact cache or keeps it. Its features are only what those `window` queries saw, renormalized over the
+tokens not yet judged (which are never evicted while they wait): the attention each token received, in the model
+and in the gate's reduced attention, and its hidden state. So they do not depend on any earlier eviction, and the
+whole continuation can be judged in one forward (`judged_forward`, for training: train.py --new-keep) with the
+same flags as one decode step at a time (tested).
 
 The gate is a policy like evict.py's baselines. Its features depend on `obs`, `pool` and `sinks`: they are fields of
 the gate, written into its checkpoint and read back from it, so a changed default never changes what a trained gate
@@ -23,6 +27,7 @@ sees; asking `load_gate` for other values than a checkpoint records is a one-lin
 """
 import math
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -49,12 +54,26 @@ def joint_flags(scores: list, keep: float, straight_through: bool = False) -> li
     return list(hard.unbind(1))
 
 
+@dataclass
+class GumbelSigmoid:
+    """A relaxation of the flags for training, DMS's Gumbel-sigmoid (the binary concrete of Maddison et al., 2017):
+    soft flags sigmoid((z + L) / tau), logistic noise L = log u - log(1 - u), u ~ U(0, 1) drawn from `generator`.
+    As tau -> 0 a flag is 1 with probability sigmoid(z), so the kept fraction the loss sees is an expectation; the
+    flags outside training are still z >= 0."""
+    tau: float
+    generator: torch.Generator
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        u = torch.rand(z.shape, generator=self.generator).clamp(1e-6, 1 - 1e-6).to(z.device)
+        return torch.sigmoid((z + torch.log(u) - torch.log1p(-u)) / self.tau)
+
+
 class Gate(nn.Module, Policy):
     """The learned gate of every layer: keep logits z (B, H_kv, T) from context features, flags z >= 0."""
     exact = False
 
     def __init__(self, n_layers: int, n_kv_heads: int, dim: int, gate_heads: int = 1, gate_dim: int = 16,
-                 seed: int = 0, obs: int = 32, pool: int = 7, sinks: int = 4):
+                 seed: int = 0, obs: int = 32, pool: int = 7, sinks: int = 4, new_tokens: bool = False):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         self.gate_heads, self.gate_dim = gate_heads, gate_dim
@@ -65,6 +84,11 @@ class Gate(nn.Module, Policy):
         self.c = nn.Parameter(torch.zeros(n_layers, n_kv_heads))  # bias: sets each head's share of the budget
         self.wq = nn.Parameter(torch.randn(n_layers, gate_heads * gate_dim, dim, generator=g) / math.sqrt(dim))
         self.wk = nn.Parameter(torch.randn(n_layers, gate_heads * gate_dim, dim, generator=g) / math.sqrt(dim))
+        self.new_tokens = new_tokens  # the decoded tokens' head: weights of (received, own), content term, bias
+        if new_tokens:
+            self.w_new = nn.Parameter(torch.tensor([1.0, 0.0]).repeat(n_layers, n_kv_heads, 1))  # (L, H_kv, 2)
+            self.u_new = nn.Parameter(torch.zeros(n_layers, n_kv_heads, dim))
+            self.c_new = nn.Parameter(torch.zeros(n_layers, n_kv_heads))
 
     def features(self, layer, x, q, k) -> torch.Tensor:
         """(B, H_kv, T, F) features of each context entry; detached inputs except the gate's own attention."""
@@ -74,17 +98,22 @@ class Gate(nn.Module, Policy):
         pooled = F.max_pool1d(snap, self.pool, stride=1, padding=self.pool // 2)
         seen_by = torch.arange(T, 0, -1, device=x.device, dtype=torch.float32)  # queries that see token j
         mean_received = received_attention(q, k, n_kv, None) / seen_by
-        gq = (x @ self.wq[layer].T).view(B, T, self.gate_heads, self.gate_dim).transpose(1, 2)  # (B, h_g, T, d_g)
-        gk = (x @ self.wk[layer].T).view(B, T, self.gate_heads, self.gate_dim).transpose(1, 2)
-        own = received_attention(gq, gk, 1, self.obs).expand(B, n_kv, T)  # reduced attention, shared by the heads
+        own = received_attention(*self.reduced(layer, x), 1, self.obs).expand(B, n_kv, T)  # shared by the heads
         dist = torch.log(seen_by).expand(B, n_kv, T)
         sink = (torch.arange(T, device=x.device) < self.sinks).float().expand(B, n_kv, T)
         log = lambda t: torch.log(t + 1e-6)  # noqa: E731
         return torch.stack([log(snap), log(pooled), log(mean_received), dist, sink, log(own)], dim=-1)
 
-    def content(self, layer, x) -> torch.Tensor:
-        """The linear term on the hidden state x (B, T, dim) -> (B, H_kv, T); scaled so that it moves in O(1) steps."""
-        return torch.einsum("btd,hd->bht", x.float(), self.u[layer]) / math.sqrt(x.shape[-1])
+    def reduced(self, layer, x) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gate's own queries and keys, (B, h_g, T, d_g) each, of the hidden states x (B, T, dim)."""
+        heads = lambda t: t.view(*x.shape[:2], self.gate_heads, self.gate_dim).transpose(1, 2)  # noqa: E731
+        return heads(x.float() @ self.wq[layer].T), heads(x.float() @ self.wk[layer].T)
+
+    def content(self, layer, x, u=None) -> torch.Tensor:
+        """The linear term u . x on the hidden state x (B, T, dim) -> (B, H_kv, T), u the gate's (L, H_kv, dim)
+        weights (default: the context's); scaled so that it moves in O(1) steps."""
+        u = self.u if u is None else u
+        return torch.einsum("btd,hd->bht", x.float(), u[layer]) / math.sqrt(x.shape[-1])
 
     def logits(self, layer, f, content) -> torch.Tensor:
         """z = w_h . f + content + c_h: features (B, H_kv, T, F) -> keep logits (B, H_kv, T)."""
@@ -93,6 +122,9 @@ class Gate(nn.Module, Policy):
     def flags(self, scores, keep, exact, train):
         """Exact: one threshold over all the given layers and heads (n = keep of their entries), or with keep per
         head ((layers, H_kv), a joint plan) each head's top n; else z >= 0."""
+        if exact and callable(train):
+            raise KVNestError("a relaxation trains the gate's own threshold z >= 0, not exact keep ratios; drop "
+                              "--gumbel or --keeps")
         if exact and not torch.is_tensor(keep):
             return joint_flags(scores, keep, train)
         return flags_from_scores(scores, keep, exact, train)
@@ -101,21 +133,28 @@ class Gate(nn.Module, Policy):
         f = self.features(layer, x.float(), q.detach(), k.detach())  # (B, H_kv, T, F)
         return self.logits(layer, f, self.content(layer, x))
 
-    def new_token_logits(self, layer, received, own, content, seen: int) -> torch.Tensor:
-        """Keep logits (B, H_kv) of decoded tokens that `seen` queries have attended to: received (B, H_kv)
-        attention summed over those queries and the group's heads, own (B,) in the gate's reduced attention among
-        the pending tokens. The prefill features of a context token at distance `seen` from the end, with the
-        snap window and the pooling cut to what was seen."""
+    def new_token_logits(self, layer, received, own, content) -> torch.Tensor:
+        """Keep logits (B, H_kv, T) of decoded tokens from what the `window` queries that saw each one gave it:
+        received (B, H_kv, T), the model's attention (each query's probabilities renormalized over the tokens not
+        yet judged, summed over the queries and the group's heads), own (B, T) the same in the gate's reduced
+        attention, content (B, H_kv, T) the term u_new . x. z = w_new . (log received, log own) + content + c_new."""
         log = lambda t: torch.log(t + 1e-6)  # noqa: E731
-        dist = torch.full_like(received, math.log(seen))
-        f = torch.stack([log(received), log(received), log(received / seen), dist, torch.zeros_like(received),
-                         log(own)[:, None].expand_as(received)], -1)  # (B, H_kv, F)
-        return self.logits(layer, f[:, :, None], content[:, :, None])[..., 0]
+        f = torch.stack([log(received), log(own)[:, None].expand_as(received)], -1)  # (B, H_kv, T, 2)
+        return (f * self.w_new[layer][:, None]).sum(-1) + content + self.c_new[layer][:, None]
+
+    def judged_logits(self, layer, x, q, k, window: int) -> torch.Tensor:
+        """The parallel form: keep logits (B, H_kv, T) of T decoded tokens, x (B, T, dim), q (B, H, T, D), k (B,
+        H_kv, T, D) after RoPE, each from the `window` queries from its own on (a query's last `window` tokens
+        are the ones not yet judged)."""
+        received = received_attention(q, k, k.shape[1], None, band=window)  # (B, H_kv, T)
+        own = received_attention(*self.reduced(layer, x), 1, None, band=window)[:, 0]  # (B, T)
+        return self.new_token_logits(layer, received, own, self.content(layer, x, self.u_new))
 
 
 class NewTokenGate:
-    """Gating of decoded tokens for one layer: each new token stays visible while `window` queries (itself
-    included) attend to it, accumulating the attention it receives; then the gate's logit decides."""
+    """Gating of decoded tokens for one layer, one decode step at a time: each new token stays visible while
+    `window` queries (itself included) attend to it, accumulating the attention it receives among the tokens not
+    yet judged (the pending ones); then the gate's decoded-token head decides."""
 
     def __init__(self, gate: Gate, layer: int, window: int):
         self.gate, self.layer, self.window = gate, layer, window
@@ -128,21 +167,21 @@ class NewTokenGate:
 
     def observe(self, x: torch.Tensor, received: torch.Tensor) -> torch.Tensor | None:
         """A new token x (B, 1, dim) has been written and attended: received (B, H_kv, P) is the attention its query
-        gave to the pending tokens (itself last). Returns keep flags (B, H_kv) of the oldest, once it is due."""
-        g, B = self.gate, x.shape[0]
-        heads = lambda t: t.view(B, -1, g.gate_heads, g.gate_dim).transpose(1, 2)  # noqa: E731  (B, h_g, ., d_g)
-        gq, new_k = heads(x.float() @ g.wq[self.layer].T), heads(x.float() @ g.wk[self.layer].T)
+        gave to the pending tokens (itself last), renormalized over them. Returns keep flags (B, H_kv) of the
+        oldest, once it is due."""
+        g = self.gate
+        gq, new_k = g.reduced(self.layer, x)  # (B, h_g, 1, d_g)
         gk = new_k if self.gk is None else torch.cat([self.gk, new_k], 2)  # (B, h_g, P, d_g)
         own = ((gq @ gk.transpose(-1, -2)) / math.sqrt(g.gate_dim)).softmax(-1).sum(1)[:, 0]  # (B, P)
         pad = lambda t, new: new if t is None else torch.cat([t, new], -1)  # noqa: E731
         self.own = pad(self.own, own.new_zeros(own.shape[0], 1)) + own
-        self.content = pad(self.content, g.content(self.layer, x))
+        self.content = pad(self.content, g.content(self.layer, x, g.u_new))
         self.received = pad(self.received, received.new_zeros(*received.shape[:2], 1)) + received
         self.gk = gk
         if self.pending < self.window:
             return None
-        keep = g.new_token_logits(self.layer, self.received[..., 0], self.own[:, 0], self.content[..., 0],
-                                  self.window) >= 0  # (B, H_kv)
+        keep = g.new_token_logits(self.layer, self.received[..., :1], self.own[:, :1],
+                                  self.content[..., :1])[..., 0] >= 0  # (B, H_kv)
         self.received, self.own, self.content, self.gk = (self.received[..., 1:], self.own[:, 1:],
                                                           self.content[..., 1:], self.gk[:, :, 1:])
         self.kept, self.decided = self.kept + int(keep.sum()), self.decided + keep.numel()
@@ -155,7 +194,8 @@ class NewTokenGate:
         received = x.new_zeros(x.shape[0], attn.n_kv_heads, P, dtype=torch.float32)
         for g in layer_cache.groups:
             slots = g.length[..., None] - P + torch.arange(P, device=x.device)  # (B, n, P)
-            received[:, g.heads] = g.probs.sum((2, 3)).gather(2, slots)  # over the group's query heads
+            p = g.probs[:, :, :, 0].gather(3, slots[:, :, None].expand(-1, -1, g.probs.shape[2], -1))  # (B, n, G, P)
+            received[:, g.heads] = (p / p.sum(-1, keepdim=True)).sum(2)  # over the group's query heads
         keep = self.observe(x, received)
         if keep is not None:
             for g in layer_cache.groups:
@@ -169,8 +209,7 @@ def judging(model: Transformer, cache: KVCache, gate: Gate, window: int):
     if window < 1:
         raise KVNestError("gating new tokens needs a window >= 1 (how many queries see a token before it is "
                           "judged); pass --window, e.g. 32")
-    if not isinstance(gate, Gate):
-        raise KVNestError("gating new tokens needs a learned gate (--evict gate --gate CKPT)")
+    check_new_tokens(gate)
     groups = [g for layer in cache.layers for g in layer.groups]
     if any(g.keep is not None for g in groups):
         raise KVNestError("gating new tokens evicts from a compact cache: prefill with compact=True")
@@ -188,6 +227,81 @@ def judging(model: Transformer, cache: KVCache, gate: Gate, window: int):
             g.observe, g.probs = False, None
 
 
+def check_new_tokens(gate) -> None:
+    """Refuse by name a policy that cannot judge decoded tokens."""
+    if not isinstance(gate, Gate):
+        raise KVNestError("gating new tokens needs a learned gate (--evict gate --gate CKPT)")
+    if not gate.new_tokens:
+        raise KVNestError("this gate was not trained on decoded tokens; train one with `python train.py --method "
+                          "gate --window 32 --new-keep 0.5`")
+
+
+def judged_hooks(model: Transformer, gate: Gate, window: int, on_logits) -> list:
+    """Forward pre-hooks on every attention layer: from its input, the decoded-token logits (B, H_kv, T) of the
+    tokens it is given (Gate.judged_logits), handed to on_logits(layer, z) before the layer attends."""
+
+    def hook(i):
+        def fn(attn, args):
+            x, _, cos, sin = args[:4]
+            q, _, k, _ = attn.qkv(x, cos, sin)
+            on_logits(i, gate.judged_logits(i, x.float(), q.detach(), k.detach(), window))
+        return fn
+    return [layer.attn.register_forward_pre_hook(hook(i)) for i, layer in enumerate(model.layers)]
+
+
+def judged_forward(model: Transformer, tokens: torch.Tensor, pos: int, cache: KVCache, gate: Gate, window: int,
+                   context_flags: list, train: bool = False) -> tuple[torch.Tensor, list]:
+    """`judging` in one forward, for training: the continuation tokens (B, T) at [pos, pos + T) over a soft `cache`
+    whose pos context slots are weighed by context_flags (per layer, (B, H_kv, pos)). Each layer judges every
+    decoded token from all its window's queries at once, before attending, and weighs its slot by the flag
+    (train: straight-through, or a relaxation): query i reads decoded token j if keep_j or i - j < window, the
+    masks of one decode step at a time. The context's last window - 1 entries must be kept (a prefill with
+    Protocol(window=window) keeps them), since the window's rule reaches them too here. Returns (logits (B, T, V),
+    flags of the decoded tokens per layer)."""
+    check_new_tokens(gate)
+    if window > 1 and any(bool((f[..., f.shape[-1] - window + 1:] < 1).any()) for f in context_flags):
+        raise KVNestError(f"the context's last {window - 1} entries must be kept under a decoded-token window of "
+                          f"{window}; prefill with Protocol(window={window})")
+    flags = [None] * len(model.layers)
+
+    def on_logits(i, z):
+        flags[i] = flags_from_scores([z], None, False, train)[0]
+        cache.layers[i].soften(torch.cat([context_flags[i], flags[i]], -1), window)
+
+    handles = judged_hooks(model, gate, window, on_logits)
+    try:
+        return model(tokens, pos, cache), flags
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def judged(flags: list, window: int) -> list:
+    """The flags (B, H_kv, T) of the decoded tokens that were judged: all but the last window - 1, which fewer than
+    `window` queries have seen."""
+    return [f[..., : f.shape[-1] - window + 1] for f in flags]
+
+
+@torch.no_grad()
+def calibrate_new_tokens(model: Transformer, gate: Gate, x: torch.Tensor, ctx_len: int, keep: float,
+                         window: int) -> None:
+    """Set each (layer, head) bias of the decoded-token head so that it keeps the fraction `keep` of the judged
+    tokens of x (B, T) after its ctx_len context, every entry kept: the start point."""
+    check_keep(keep)
+    gate.c_new.zero_()
+    cache = KVCache(model, x.shape[0], x.shape[1])
+    model(x[:, :ctx_len], 0, cache)
+    z = [None] * len(model.layers)
+    handles = judged_hooks(model, gate, window, z.__setitem__)
+    try:
+        model(x[:, ctx_len:], ctx_len, cache)
+    finally:
+        for h in handles:
+            h.remove()
+    for i, zi in enumerate(judged(z, window)):
+        gate.c_new[i] = -torch.quantile(zi.transpose(0, 1).flatten(1).float(), 1 - keep, dim=1)  # (H_kv,)
+
+
 @torch.no_grad()
 def calibrate_gate(model: Transformer, gate: Gate, context: torch.Tensor, keep: float) -> None:
     """Set each (layer, head) bias so that its flags keep the fraction `keep` of this context: the start point."""
@@ -197,8 +311,8 @@ def calibrate_gate(model: Transformer, gate: Gate, context: torch.Tensor, keep: 
         gate.c[i] = -torch.quantile(z.transpose(0, 1).flatten(1).float(), 1 - keep, dim=1)  # (H_kv,)
 
 
-FIELDS = ("gate_heads", "gate_dim", "obs", "pool", "sinks")  # what a checkpoint records beside the weights
-EARLIER = {"obs": 32, "pool": 7, "sinks": 4}  # what checkpoints written before these were recorded were made with
+FIELDS = ("gate_heads", "gate_dim", "obs", "pool", "sinks", "new_tokens")  # recorded beside the weights
+EARLIER = {"obs": 32, "pool": 7, "sinks": 4, "new_tokens": False}  # what checkpoints made before a field had
 
 
 def save_gate(path, gate: Gate, meta: dict, extra: dict | None = None) -> None:
@@ -216,7 +330,8 @@ def load_gate(path, model: Transformer, **expected) -> tuple[Gate, dict, dict]:
         raise KVNestError(f"{path} was trained with " + ", ".join(f"{f}={fields.get(f)}" for f in differ) +
                           ", not " + ", ".join(f"{f}={v}" for f, v in differ.items()) + "; train a gate with them")
     for f, v in fields.items():
-        if not isinstance(v, int) or v < (0 if f == "sinks" else 1):
+        if not isinstance(v, int) or v < (0 if f in ("sinks", "new_tokens") else 1) or (f == "new_tokens") != (
+                type(v) is bool):
             raise KVNestError(f"{path}: gate field {f}={v!r} is not a valid size; the checkpoint is damaged, "
                               f"train again")
     a = model.args

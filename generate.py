@@ -3,6 +3,7 @@
     python generate.py --chat --prompt "What is the capital of France?" --max-new-tokens 20
     python generate.py --prompt "..." --projections runs/matryoshka.safetensors --budget 0.5   # MatryoshkaKV
     python generate.py --prompt "..." --evict gate --gate runs/gate.safetensors --keep 0.5   # evict the prompt
+    python generate.py --prompt "..." --evict gate --gate runs/gate_new.safetensors --gate-new 32   # and new tokens
     python generate.py --prompt "..." --compile      # kernels.py's compiled step (default on CUDA)
     python generate.py --prompt "..." --plan runs/plan.json --projections runs/matryoshka.safetensors   # joint.py
 
@@ -11,6 +12,7 @@ Text streams as it is decoded; the tokens/s and the cache's size follow on stder
 import itertools
 import sys
 import time
+from contextlib import nullcontext
 from typing import Iterable, Iterator
 
 import torch
@@ -18,6 +20,8 @@ import torch
 from assets import chatml
 from errors import KVNestError, Parser, count, number, run_cli
 from flags import add_compression_flags, add_model_flags, compression_from_flags, model_from_flags
+from evict import Protocol
+from gate import judging
 from kernels import Decoder
 from model import generate
 
@@ -47,6 +51,8 @@ def main(argv=None) -> None:
     p.add_argument("--compile", action="store_true", default=None, help="decode with kernels.py's compiled step "
                    "(default: on CUDA)")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="decode eagerly")
+    p.add_argument("--gate-new", type=count, metavar="W", help="the gate also judges each new token after W "
+                   "queries and drops it if flagged out (a gate trained with train.py --new-keep; decodes eagerly)")
     args = p.parse_args(argv)
     if args.temperature < 0:
         raise KVNestError(f"--temperature {args.temperature} is below 0; pass 0 (greedy) or more")
@@ -60,19 +66,33 @@ def main(argv=None) -> None:
     if len(ids) >= max_len or max_len > model.args.max_seq_len:
         raise KVNestError(f"prompt of {len(ids)} tokens plus {args.max_new_tokens} new does not fit a cache of "
                           f"{min(max_len, model.args.max_seq_len)}; raise --max-len or shorten the prompt")
-    compiled = args.device.startswith("cuda") if args.compile is None else args.compile
-    runner = Decoder(model, max_len - len(ids), features, policy, keep, exact, compile=compiled)
+    if args.gate_new and args.compile:
+        raise KVNestError("--gate-new decodes eagerly (its hooks judge every step); drop --compile")
+    if args.gate_new:
+        from gate import check_new_tokens
+        check_new_tokens(policy)
+    compiled = not args.gate_new and (args.device.startswith("cuda") if args.compile is None else args.compile)
+    protocol = Protocol(window=args.gate_new or 0)  # a prompt's last W entries stay, as a new token's last W queries
+    runner = Decoder(model, max_len - len(ids), features, policy, keep, exact, compiled, protocol)
     if compiled:
         print("kvnest: compiling the decoder block for the decode step (once per layer structure; cached on disk)",
               file=sys.stderr)
     stop = set(model.args.eos_ids) | {tok.token_id("<|im_end|>")} - {None}
     out, t0 = [], time.perf_counter()
-    tokens = generate(runner, torch.tensor([ids], device=args.device), args.max_new_tokens, args.temperature, stop)
-    for piece in stream(tok, itertools.takewhile(lambda t: t not in stop, (int(t[0]) for t in tokens)), out):
-        print(piece, end="", flush=True)
+    prompt = torch.tensor([ids], device=args.device)
+    first = runner(prompt, 0)  # the prefill, and the eviction of the prompt
+    judges = judging(model, runner.cache, policy, args.gate_new) if args.gate_new else nullcontext([])
+    with judges as judges:
+        tokens = generate(lambda t, pos: first if pos == 0 else runner(t, pos), prompt, args.max_new_tokens,
+                          args.temperature, stop)
+        for piece in stream(tok, itertools.takewhile(lambda t: t not in stop, (int(t[0]) for t in tokens)), out):
+            print(piece, end="", flush=True)
     dt = time.perf_counter() - t0
-    print(f"\n[{len(out)} tokens in {dt:.2f}s: {len(out) / dt:.1f} tokens/s, KV cache "
-          f"{runner.nbytes() / 2**20:.2f} MiB]", file=sys.stderr)
+    held = sum(int(g.length.sum()) for layer in runner.cache.layers for g in layer.groups)
+    judged = f", {sum(j.kept for j in judges)} of {sum(j.decided for j in judges)} judged new entries kept" * bool(
+        judges)
+    print(f"\n[{len(out)} tokens in {dt:.2f}s: {len(out) / dt:.1f} tokens/s, KV cache {runner.nbytes() / 2**20:.2f} "
+          f"MiB allocated, {held} entries held{judged}]", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ symbolic, so one graph serves every step, context and batch size of a cache kind
 import torch
 
 from errors import KVNestError
-from evict import prefill
+from evict import Protocol, prefill
 from model import KVCache, Transformer
 
 # Sizes of module buffers may vary between compiled calls (caches of another context or batch): one graph with
@@ -67,12 +67,12 @@ def dynamic_sizes(cache: KVCache) -> KVCache:
 class Decoder:
     """decoder(prompt, 0) prefills into a new cache and returns the prompt's logits; decoder(token, pos) runs one
     decode step. features (compress.Matryoshka) compress the cache; a policy (evict.py, gate.py) evicts the prompt to
-    `keep` after the prefill (exact as in evict.prefill)."""
+    `keep` after the prefill (exact and protocol as in evict.prefill)."""
 
     def __init__(self, model: Transformer, max_new: int, features=None, policy=None, keep: float = 1.0,
-                 exact: bool | None = None, compile: bool = True):
+                 exact: bool | None = None, compile: bool = True, protocol: Protocol = Protocol()):
         self.model, self.max_new, self.features = model, max_new, features
-        self.policy, self.keep, self.exact = policy, keep, exact
+        self.policy, self.keep, self.exact, self.protocol = policy, keep, exact, protocol
         self.step = compiled_forward(model) if compile else None
         self.cache, self.ctx, self.t = None, 0, 0
 
@@ -85,7 +85,7 @@ class Decoder:
             if self.policy is None:
                 logits = self.model(tokens, 0, self.cache)
             else:
-                logits = prefill(self.model, tokens, self.cache, self.policy, self.keep, exact=self.exact)[0]
+                logits = prefill(self.model, tokens, self.cache, self.policy, self.keep, self.protocol, self.exact)[0]
             dynamic_sizes(self.cache)
             return logits
         if tokens.shape[1] != 1 or pos != self.ctx + self.t:

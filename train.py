@@ -19,7 +19,11 @@ after its context was evicted by the gate's straight-through flags, plus keep_we
 draws a keep ratio from the list, and the flags are the exact top fraction of the gate's logits (one threshold over
 all layers and heads, as eval.py scores a gate), so the keep ratio acts as the gate's threshold.
 `--protocol inside` evicts inside the prefill (the paper's protocol); `--sft pairs.jsonl` trains on prompt/answer
-pairs instead of text windows: the prompt is evicted and the loss is on the answer.
+pairs instead of text windows: the prompt is evicted and the loss is on the answer. `--new-keep K` also trains the
+gate's decoded-token head: every continuation token is judged after --window queries, in one forward
+(gate.judged_forward), evicted ones leave the later queries' view, and keep_weight * (kept - K)^2 pulls the kept
+fraction of the judged tokens toward K. `--gumbel TAU` trains with Gumbel-sigmoid flags (gate.GumbelSigmoid) in
+place of straight-through ones.
 """
 import math
 import statistics
@@ -32,17 +36,17 @@ from tqdm import tqdm
 from assets import data_weight, load_mix, load_pairs, mixed_windows
 from compress import KEY_MODES, Projections, load_projections, pca_projections, save_projections, uniform_ranks
 from errors import KVNestError, Parser, count, nonnegative, positive, ratio, ratios, run_cli, size
-from eval import SWEEP_BUDGETS, eval_windows, eviction_table, score
+from eval import SWEEP_BUDGETS, eval_windows, eviction_table, score, score_evictions
 from evict import Protocol, prefill
 from flags import add_model_flags, model_from_flags
-from gate import Gate, calibrate_gate, load_gate, save_gate
+from gate import Gate, GumbelSigmoid, calibrate_gate, calibrate_new_tokens, judged, judged_forward, load_gate, save_gate
 from losses import distill_loss
 from model import KVCache, Transformer
 
 # Flags that define what is trained; a resumed run must agree on them.
 RUN_FLAGS = ("method", "key_mode", "seq_len", "batch", "lr", "warmup", "clip", "kl_weight", "ce_weight",
              "rank_step", "seed", "steps", "calib_windows", "data", "keep", "keep_weight", "ctx_len",
-             "protocol", "sft", "keeps", "window")
+             "protocol", "sft", "keeps", "window", "new_keep", "gumbel")
 
 
 def lr_at(step: int, steps: int, lr: float, warmup: float) -> float:
@@ -109,7 +113,8 @@ def check_resume(out: Path, meta: dict, cfg: dict, extra: dict) -> int:
             step > 0 and not extra):
         raise KVNestError(f"--resume with {out}: it lacks a valid config, step (0 to {cfg['steps']}) or optimizer "
                           f"state; the checkpoint is damaged, train again without --resume")
-    old = {"window": 0, **old, **{k: same_file(old.get(k), cfg[k]) for k in ("data", "sft")}}  # window: 0 before
+    old = {"window": 0, "new_keep": None, "gumbel": None, **old,  # what runs before these flags trained with
+           **{k: same_file(old.get(k), cfg[k]) for k in ("data", "sft")}}
     differ = ", ".join(f"{k}={old.get(k)}" for k in RUN_FLAGS if old.get(k) != cfg.get(k))
     if differ:
         raise KVNestError(f"--resume with {out}: the checkpoint was trained with {differ}; pass the same flags")
@@ -215,16 +220,18 @@ def train_gate(model: Transformer, sources: list | None, cfg: dict, out: Path, m
         prompt, answer = pairs[int(torch.randint(len(pairs), (1,), generator=gen))]
         return torch.tensor([prompt + answer]), len(prompt)
 
-    start, extra, keeps = 0, {}, cfg.get("keeps")
+    start, extra, keeps, new_keep, window = 0, {}, cfg.get("keeps"), cfg.get("new_keep"), cfg["window"]
     if resume and out.exists():
         gate, meta, extra = load_gate(out, model)
         start = check_resume(out, meta, cfg, extra)
     else:
         a = model.args
-        gate = Gate(a.n_layers, a.n_kv_heads, a.dim, seed=cfg["seed"]).to(model.inv_freq.device)
+        gate = Gate(a.n_layers, a.n_kv_heads, a.dim, seed=cfg["seed"], new_tokens=new_keep is not None)
         calib, ctx = sample(torch.Generator().manual_seed(cfg["seed"]))
-        start_keep = statistics.median(keeps) if keeps else cfg["keep"]
-        calibrate_gate(model, gate, calib[:, :ctx].to(model.inv_freq.device), start_keep)
+        calib = calib[:, :-1].to(model.inv_freq.device)
+        calibrate_gate(model, gate, calib[:, :ctx], statistics.median(keeps) if keeps else cfg["keep"])
+        if new_keep is not None:
+            calibrate_new_tokens(model, gate, calib, ctx, new_keep, window)
     meta = dict(meta_extra, keep=keeps or cfg["keep"], model=model.fingerprint(), config=cfg)
 
     protocol = gate_protocol(cfg)
@@ -233,21 +240,31 @@ def train_gate(model: Transformer, sources: list | None, cfg: dict, out: Path, m
         x, ctx = sample(gen)
         x = x.to(model.inv_freq.device)
         keep = keeps[int(torch.randint(len(keeps), (1,), generator=gen))] if keeps else cfg["keep"]
+        train = GumbelSigmoid(cfg["gumbel"], gen) if cfg["gumbel"] else True  # else: straight-through
         with torch.no_grad(), autocast_for(model):
             teacher = model(x[:, :-1])[:, ctx - 1:]  # (B, T - ctx + 1, V)
         cache = KVCache(model, x.shape[0], x.shape[1] - 1)
         with autocast_for(model):
             ctx_logits, flags = prefill(model, x[:, :ctx], cache, gate, keep, exact=bool(keeps), compact=False,
-                                        train=True, protocol=protocol)
-            student = torch.cat([ctx_logits[:, -1:], model(x[:, ctx:-1], ctx, cache)], 1)
+                                        train=train, protocol=protocol)
+            if new_keep is None:
+                rest = model(x[:, ctx:-1], ctx, cache)
+            else:
+                rest, new_flags = judged_forward(model, x[:, ctx:-1], ctx, cache, gate, window, flags, train)
+            student = torch.cat([ctx_logits[:, -1:], rest], 1)
         kept = torch.stack([f.mean() for f in flags]).mean()
         loss = distill_loss(teacher, student, x[:, ctx:], cfg["kl_weight"], cfg["ce_weight"])
-        return loss + cfg["keep_weight"] * (kept - keep) ** 2, student.shape[0] * student.shape[1]
+        loss = loss + cfg["keep_weight"] * (kept - keep) ** 2
+        if new_keep is not None:
+            kept_new = torch.stack([f.mean() for f in judged(new_flags, window)]).mean()
+            loss = loss + cfg["keep_weight"] * (kept_new - new_keep) ** 2
+        return loss, student.shape[0] * student.shape[1]
 
     def save(step, opt_tensors):
         save_gate(out, gate, dict(meta, step=step), opt_tensors)
 
-    fit(gate, ["w", "u", "c", "wq", "wk"], step_loss, save, cfg, start, extra, desc="train gate", **fit_kw)
+    names = ["w", "u", "c", "wq", "wk"] + (["w_new", "u_new", "c_new"] if gate.new_tokens else [])
+    fit(gate, names, step_loss, save, cfg, start, extra, desc="train gate", **fit_kw)
     return gate
 
 
@@ -262,6 +279,19 @@ def budget_table(model: Transformer, proj: Projections, windows: torch.Tensor) -
             cells.append(f"{s['perplexity']:.2f} ({s['kl']:.3f})")
         lines.append(f"| {budget:.1%} | {' | '.join(cells)} |")
     return "\n".join(lines)
+
+
+def gate_table(model: Transformer, gate: Gate, windows: torch.Tensor, cfg: dict) -> str:
+    """Markdown: the gate against the baselines at its keep ratios, under its protocol; with decoded tokens
+    judged too, a line for them (eval.py --gate-new at the first keep)."""
+    keeps, protocol = cfg["keeps"] or [cfg["keep"]], gate_protocol(cfg)
+    table = eviction_table(model, windows, {"gate": gate}, keeps, cfg["ctx_len"], protocol=protocol)[0]
+    if cfg["new_keep"] is None:
+        return table
+    r = score_evictions(model, windows, [(gate, keeps[0], True)], cfg["ctx_len"], protocol, desc="decoded tokens",
+                        gate_new=True)[0][0]
+    return table + (f"\n\nDecoded tokens judged too (context keep {keeps[0]:.1%}): {r['new_tokens_keep']:.1%} of "
+                    f"them kept, perplexity {r['perplexity']:.3f} (KL {r['kl']:.4f}).")
 
 
 DEFAULTS = {  # per method: what `python train.py [--method gate]` runs on a 2-core CPU in about half an hour
@@ -301,6 +331,12 @@ def main(argv=None):
                    help="gate: evict after a full-attention prefill or inside it (the paper's protocol)")
     p.add_argument("--window", type=size, default=0, help="gate: the last W context entries are forced "
                    "kept; inside the prefill each context query also sees its own last W (eval.py --window)")
+    p.add_argument("--new-keep", type=ratio, help="gate: also train its decoded-token head: each continuation "
+                   "token is judged after --window queries, and this is the kept fraction to aim at (eval.py "
+                   "--gate-new)")
+    p.add_argument("--gumbel", type=positive, help="gate: train with Gumbel-sigmoid flags at this temperature "
+                   "(DMS's relaxation; e.g. 0.5) instead of straight-through ones; the kept fraction is penalized "
+                   "in expectation")
     p.add_argument("--sft", help="gate: supervised fine-tuning on a .jsonl of {\"prompt\", \"answer\"} pairs (the "
                    "prompt is evicted, the loss is on the answer; one pair per step; format prompts yourself)")
     p.add_argument("--seed", type=int, default=0)
@@ -320,12 +356,23 @@ def main(argv=None):
     if args.out.parent.exists() and not args.out.parent.is_dir():
         raise KVNestError(f"--out {args.out}: {args.out.parent} is a file, not a folder")
     given = [f for f in ("key_mode", "rank_step", "calib_windows") if getattr(args, f) != p.get_default(f)]
-    gate_only = ("keep", "keep_weight", "ctx_len", "protocol", "sft", "keeps", "window")
+    gate_only = ("keep", "keep_weight", "ctx_len", "protocol", "sft", "keeps", "window", "new_keep", "gumbel")
     given = given if args.method == "gate" else [f for f in gate_only if getattr(args, f) != p.get_default(f)]
     given = given or [f for f in ("keep", "keep_weight") if args.keeps and getattr(args, f) != p.get_default(f)]
     if given:
         raise KVNestError(f"--{given[0].replace('_', '-')} does not act with --method {args.method}"
                           f"{' --keeps' if args.method == 'gate' else ''}; drop it")
+    if args.gumbel and args.keeps:
+        raise KVNestError("--gumbel relaxes the gate's own threshold z >= 0, --keeps trains exact keep ratios; drop "
+                          "one")
+    if args.new_keep is not None and args.window < 1:
+        raise KVNestError("--new-keep needs --window >= 1 (how many queries see a decoded token before it is "
+                          "judged), e.g. --window 32")
+    if args.new_keep is not None and args.sft:
+        raise KVNestError("--new-keep trains on text windows (--data), not on --sft pairs; drop one")
+    if args.new_keep is not None and args.seq_len - args.ctx_len < args.window:
+        raise KVNestError(f"--new-keep: the {args.seq_len - args.ctx_len} continuation tokens of --seq-len "
+                          f"{args.seq_len} are fewer than --window {args.window}, so none is judged")
     model, tok, folder = model_from_flags(args)
     D, context = model.args.head_dim, model.args.max_seq_len
     if not args.sft and args.seq_len + 1 > context:
@@ -351,9 +398,8 @@ def main(argv=None):
         if not args.ctx_len < args.seq_len - 1:
             raise KVNestError(f"--ctx-len {args.ctx_len} must leave continuation tokens in --seq-len {args.seq_len}")
         gate = train_gate(model, sources, cfg, args.out, meta, args.resume, pairs, **fit_kw)
-        table = None if args.no_table else eviction_table(
-            model, eval_windows(tok, args.eval_data, 8, args.seq_len + 1), {"gate": gate}, args.keeps or [args.keep],
-            args.ctx_len, protocol=gate_protocol(cfg))[0]
+        table = None if args.no_table else gate_table(model, gate, eval_windows(
+            tok, args.eval_data, 8, args.seq_len + 1), cfg)
     print(f"saved {args.out}")
     if table:
         args.out.with_suffix(".md").write_text(table + "\n")
