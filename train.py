@@ -226,7 +226,8 @@ def train_gate(model: Transformer, sources: list | None, cfg: dict, out: Path, m
         start = check_resume(out, meta, cfg, extra)
     else:
         a = model.args
-        gate = Gate(a.n_layers, a.n_kv_heads, a.dim, seed=cfg["seed"], new_tokens=new_keep is not None)
+        gate = Gate(a.n_layers, a.n_kv_heads, a.dim, seed=cfg["seed"], new_tokens=new_keep is not None).to(
+            model.inv_freq.device)
         calib, ctx = sample(torch.Generator().manual_seed(cfg["seed"]))
         calib = calib[:, :-1].to(model.inv_freq.device)
         calibrate_gate(model, gate, calib[:, :ctx], statistics.median(keeps) if keeps else cfg["keep"])
