@@ -330,8 +330,7 @@ def load_gate(path, model: Transformer, **expected) -> tuple[Gate, dict, dict]:
         raise KVNestError(f"{path} was trained with " + ", ".join(f"{f}={fields.get(f)}" for f in differ) +
                           ", not " + ", ".join(f"{f}={v}" for f, v in differ.items()) + "; train a gate with them")
     for f, v in fields.items():
-        if not isinstance(v, int) or v < (0 if f in ("sinks", "new_tokens") else 1) or (f == "new_tokens") != (
-                type(v) is bool):
+        if not (isinstance(v, bool) if f == "new_tokens" else type(v) is int and v >= (0 if f == "sinks" else 1)):
             raise KVNestError(f"{path}: gate field {f}={v!r} is not a valid size; the checkpoint is damaged, "
                               f"train again")
     a = model.args

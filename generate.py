@@ -89,8 +89,8 @@ def main(argv=None) -> None:
             print(piece, end="", flush=True)
     dt = time.perf_counter() - t0
     held = sum(int(g.length.sum()) for layer in runner.cache.layers for g in layer.groups)
-    judged = f", {sum(j.kept for j in judges)} of {sum(j.decided for j in judges)} judged new entries kept" * bool(
-        judges)
+    judged = f", {sum(j.kept for j in judges)} of {sum(j.decided for j in judges)} judged new entries kept" if \
+        judges else ""
     print(f"\n[{len(out)} tokens in {dt:.2f}s: {len(out) / dt:.1f} tokens/s, KV cache {runner.nbytes() / 2**20:.2f} "
           f"MiB allocated, {held} entries held{judged}]", file=sys.stderr)
 
