@@ -13,6 +13,11 @@ whose received attention is a further feature. Each (layer, KV head) mixes these
 heads and layers get different budgets. It starts as a fixed H2O+SnapKV-like mixture whose biases are calibrated to
 the target keep; a gate trained from scratch on a token's own state learns little (see shared/MEASUREMENTS.md).
 
+One gate can serve every keep ratio (train.py --keeps): it then takes the keep as an input. Its knots are keep
+ratios k_1 < ... < k_K, each with offsets of w, u and c (zero at first); at keep k the weights are the shared ones
+plus the offsets of the two knots around k, weighed linearly in log2 k (outside them, the nearest knot's). So what
+12.5% keeps need not be a subset of what 75% keeps, and each knot's offsets are trained by its own steps alone.
+
 Beyond the paper, decoded tokens can be gated too (`judging`, eval.py --gate-new): each stays visible for `window`
 queries (DMS's delayed eviction, Lancucki et al., 2025), then a head of the gate of its own judges it and evicts it
 from the compact cache or keeps it. Its features are only what those `window` queries saw, renormalized over the
@@ -73,7 +78,8 @@ class Gate(nn.Module, Policy):
     exact = False
 
     def __init__(self, n_layers: int, n_kv_heads: int, dim: int, gate_heads: int = 1, gate_dim: int = 16,
-                 seed: int = 0, obs: int = 32, pool: int = 7, sinks: int = 4, new_tokens: bool = False):
+                 seed: int = 0, obs: int = 32, pool: int = 7, sinks: int = 4, new_tokens: bool = False,
+                 keeps: tuple = ()):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         self.gate_heads, self.gate_dim = gate_heads, gate_dim
@@ -84,6 +90,12 @@ class Gate(nn.Module, Policy):
         self.c = nn.Parameter(torch.zeros(n_layers, n_kv_heads))  # bias: sets each head's share of the budget
         self.wq = nn.Parameter(torch.randn(n_layers, gate_heads * gate_dim, dim, generator=g) / math.sqrt(dim))
         self.wk = nn.Parameter(torch.randn(n_layers, gate_heads * gate_dim, dim, generator=g) / math.sqrt(dim))
+        self.keeps = tuple(sorted(keeps))  # knots of the keep input: per-keep offsets of w, u and c, zero at first
+        if keeps:
+            K = len(keeps)
+            self.w_keep = nn.Parameter(torch.zeros(K, n_layers, n_kv_heads, N_FEATURES))  # (K, L, H_kv, F)
+            self.u_keep = nn.Parameter(torch.zeros(K, n_layers, n_kv_heads, dim))
+            self.c_keep = nn.Parameter(torch.zeros(K, n_layers, n_kv_heads))
         self.new_tokens = new_tokens  # the decoded tokens' head: weights of (received, own), content term, bias
         if new_tokens:
             self.w_new = nn.Parameter(torch.tensor([1.0, 0.0]).repeat(n_layers, n_kv_heads, 1))  # (L, H_kv, 2)
@@ -109,15 +121,28 @@ class Gate(nn.Module, Policy):
         heads = lambda t: t.view(*x.shape[:2], self.gate_heads, self.gate_dim).transpose(1, 2)  # noqa: E731
         return heads(x.float() @ self.wq[layer].T), heads(x.float() @ self.wk[layer].T)
 
-    def content(self, layer, x, u=None) -> torch.Tensor:
-        """The linear term u . x on the hidden state x (B, T, dim) -> (B, H_kv, T), u the gate's (L, H_kv, dim)
-        weights (default: the context's); scaled so that it moves in O(1) steps."""
-        u = self.u if u is None else u
-        return torch.einsum("btd,hd->bht", x.float(), u[layer]) / math.sqrt(x.shape[-1])
+    def content(self, x, u) -> torch.Tensor:
+        """The linear term u . x on the hidden state x (B, T, dim) -> (B, H_kv, T), u one layer's (H_kv, dim)
+        weights; scaled so that it moves in O(1) steps."""
+        return torch.einsum("btd,hd->bht", x.float(), u) / math.sqrt(x.shape[-1])
 
-    def logits(self, layer, f, content) -> torch.Tensor:
-        """z = w_h . f + content + c_h: features (B, H_kv, T, F) -> keep logits (B, H_kv, T)."""
-        return (f * self.w[layer][:, None]).sum(-1) + content + self.c[layer][:, None]
+    def knot_weights(self, keep) -> torch.Tensor:
+        """How much each knot of the keep input counts at this keep (a float, or (H_kv,) per head): piecewise
+        linear in log2(keep) between the two knots around it, the nearest knot outside them. (K,) or (H_kv, K)"""
+        s = torch.tensor([math.log2(k) for k in self.keeps])  # (K,)
+        x = torch.as_tensor(keep, dtype=torch.float32).cpu().log2().clamp(s[0], s[-1])[..., None]
+        left, right = torch.cat([s[:1] - 1, s[:-1]]), torch.cat([s[1:], s[-1:] + 1])
+        return torch.minimum((x - left) / (s - left), (right - x) / (right - s)).clamp(0, 1)
+
+    def head_weights(self, layer, keep) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One layer's w (H_kv, F), u (H_kv, dim) and c (H_kv,) at this keep: the shared ones plus, with knots,
+        their offsets weighed by knot_weights."""
+        w, u, c = self.w[layer], self.u[layer], self.c[layer]
+        if not self.keeps:
+            return w, u, c
+        a = self.knot_weights(keep).to(w.device).expand(w.shape[0], -1)  # (H_kv, K)
+        offset = lambda t: torch.einsum("hk,kh...->h...", a, t[:, layer])  # noqa: E731
+        return w + offset(self.w_keep), u + offset(self.u_keep), c + offset(self.c_keep)
 
     def flags(self, scores, keep, exact, train):
         """Exact: one threshold over all the given layers and heads (n = keep of their entries), or with keep per
@@ -130,8 +155,10 @@ class Gate(nn.Module, Policy):
         return flags_from_scores(scores, keep, exact, train)
 
     def score(self, layer, x, q, k, keep):
+        """z = w_h . f + u_h . x + c_h: features (B, H_kv, T, F) -> keep logits (B, H_kv, T)."""
+        w, u, c = self.head_weights(layer, keep)
         f = self.features(layer, x.float(), q.detach(), k.detach())  # (B, H_kv, T, F)
-        return self.logits(layer, f, self.content(layer, x))
+        return (f * w[:, None]).sum(-1) + self.content(x, u) + c[:, None]
 
     def new_token_logits(self, layer, received, own, content) -> torch.Tensor:
         """Keep logits (B, H_kv, T) of decoded tokens from what the `window` queries that saw each one gave it:
@@ -148,7 +175,7 @@ class Gate(nn.Module, Policy):
         are the ones not yet judged)."""
         received = received_attention(q, k, k.shape[1], None, band=window)  # (B, H_kv, T)
         own = received_attention(*self.reduced(layer, x), 1, None, band=window)[:, 0]  # (B, T)
-        return self.new_token_logits(layer, received, own, self.content(layer, x, self.u_new))
+        return self.new_token_logits(layer, received, own, self.content(x, self.u_new[layer]))
 
 
 class NewTokenGate:
@@ -175,7 +202,7 @@ class NewTokenGate:
         own = ((gq @ gk.transpose(-1, -2)) / math.sqrt(g.gate_dim)).softmax(-1).sum(1)[:, 0]  # (B, P)
         pad = lambda t, new: new if t is None else torch.cat([t, new], -1)  # noqa: E731
         self.own = pad(self.own, own.new_zeros(own.shape[0], 1)) + own
-        self.content = pad(self.content, g.content(self.layer, x, g.u_new))
+        self.content = pad(self.content, g.content(x, g.u_new[self.layer]))
         self.received = pad(self.received, received.new_zeros(*received.shape[:2], 1)) + received
         self.gk = gk
         if self.pending < self.window:
@@ -311,8 +338,8 @@ def calibrate_gate(model: Transformer, gate: Gate, context: torch.Tensor, keep: 
         gate.c[i] = -torch.quantile(z.transpose(0, 1).flatten(1).float(), 1 - keep, dim=1)  # (H_kv,)
 
 
-FIELDS = ("gate_heads", "gate_dim", "obs", "pool", "sinks", "new_tokens")  # recorded beside the weights
-EARLIER = {"obs": 32, "pool": 7, "sinks": 4, "new_tokens": False}  # what checkpoints made before a field had
+FIELDS = ("gate_heads", "gate_dim", "obs", "pool", "sinks", "new_tokens", "keeps")  # recorded beside the weights
+EARLIER = {"obs": 32, "pool": 7, "sinks": 4, "new_tokens": False, "keeps": ()}  # before a field was recorded
 
 
 def save_gate(path, gate: Gate, meta: dict, extra: dict | None = None) -> None:
@@ -325,13 +352,17 @@ def load_gate(path, model: Transformer, **expected) -> tuple[Gate, dict, dict]:
     fields (e.g. obs=32) must be those it was trained with."""
     tensors, meta = load_checkpoint(path, model, "gate", "python train.py --method gate")
     fields = {**EARLIER, **{f: meta[f] for f in FIELDS if f in meta}}
+    fields["keeps"] = tuple(fields["keeps"]) if isinstance(fields["keeps"], list) else fields["keeps"]
     differ = {f: v for f, v in expected.items() if fields.get(f) != v}
     if differ:
         raise KVNestError(f"{path} was trained with " + ", ".join(f"{f}={fields.get(f)}" for f in differ) +
                           ", not " + ", ".join(f"{f}={v}" for f, v in differ.items()) + "; train a gate with them")
+    valid = {"new_tokens": lambda v: isinstance(v, bool),
+             "keeps": lambda v: isinstance(v, tuple) and all(type(k) is float and 0 < k <= 1 for k in v) and
+             list(v) == sorted(set(v))}
     for f, v in fields.items():
-        if not (isinstance(v, bool) if f == "new_tokens" else type(v) is int and v >= (0 if f == "sinks" else 1)):
-            raise KVNestError(f"{path}: gate field {f}={v!r} is not a valid size; the checkpoint is damaged, "
+        if not valid.get(f, lambda v: type(v) is int and v >= (0 if f == "sinks" else 1))(v):
+            raise KVNestError(f"{path}: gate field {f}={v!r} is not valid; the checkpoint is damaged, "
                               f"train again")
     a = model.args
     gate = Gate(a.n_layers, a.n_kv_heads, a.dim, **fields)

@@ -8,16 +8,18 @@ Only the projections train (the Cayley parameters W and the value offset b), on
 
     loss = kl_weight * mean_t KL(p_teacher || p_student) + ce_weight * mean_t CE(x_{t+1}, p_student)
 
-(the paper uses 0.25 KL + 0.75 CE; KL alone is the default here, see README). AdamW, linear warm-up then cosine
-decay, gradient clipping, bf16 autocast on CUDA. Every step's windows and ranks come from a generator seeded by
-(seed, step), so `--resume` continues exactly where an uninterrupted run would be. Checkpoints are safetensors
-with JSON metadata, written atomically; at the end a budget table compares PCA with the trained projections.
+(the paper uses 0.25 KL + 0.75 CE; KL alone is the default here, see README). The loop is distill.py's: AdamW,
+linear warm-up then cosine decay, gradient clipping, bf16 autocast on CUDA; every step's windows and ranks come
+from a generator seeded by (seed, step), so `--resume` continues exactly where an uninterrupted run would be.
+Checkpoints are safetensors with JSON metadata, written atomically; at the end a budget table compares PCA with
+the trained projections.
 
 Attention-Gate (Zeng et al., 2024): only the gate trains, on the same loss over the continuation of each window
 after its context was evicted by the gate's straight-through flags, plus keep_weight * (kept - keep)^2.
 `--keeps 0.125,0.25,0.5,0.75` trains one gate for every keep, the Matryoshka idea on the token axis: each step
-draws a keep ratio from the list, and the flags are the exact top fraction of the gate's logits (one threshold over
-all layers and heads, as eval.py scores a gate), so the keep ratio acts as the gate's threshold.
+draws a keep ratio from the list, the gate gets it as an input (per-keep offsets of its weights, gate.py), and the
+flags are the exact top fraction of the gate's logits (one threshold over all layers and heads, as eval.py scores a
+gate). `--init GATE` starts such a run from a gate trained at one keep and trains only the per-keep offsets.
 `--protocol inside` evicts inside the prefill (the paper's protocol); `--sft pairs.jsonl` trains on prompt/answer
 pairs instead of text windows: the prompt is evicted and the loss is on the answer. `--new-keep K` also trains the
 gate's decoded-token head: every continuation token is judged after --window queries, in one forward
@@ -25,9 +27,7 @@ gate's decoded-token head: every continuation token is judged after --window que
 fraction of the judged tokens toward K. `--gumbel TAU` trains with Gumbel-sigmoid flags (gate.GumbelSigmoid) in
 place of straight-through ones.
 """
-import math
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -35,74 +35,26 @@ from tqdm import tqdm
 
 from assets import data_weight, load_mix, load_pairs, mixed_windows
 from compress import KEY_MODES, Projections, load_projections, pca_projections, save_projections, uniform_ranks
+from distill import autocast_for, fit, sample_batch
 from errors import KVNestError, Parser, count, nonnegative, positive, ratio, ratios, run_cli, size
 from eval import SWEEP_BUDGETS, eval_windows, eviction_table, score, score_evictions
 from evict import Protocol, prefill
 from flags import add_model_flags, model_from_flags
-from gate import Gate, GumbelSigmoid, calibrate_gate, calibrate_new_tokens, judged, judged_forward, load_gate, save_gate
+from gate import (FIELDS, Gate, GumbelSigmoid, calibrate_gate, calibrate_new_tokens, judged, judged_forward, load_gate,
+                  save_gate)
 from losses import distill_loss
 from model import KVCache, Transformer
 
 # Flags that define what is trained; a resumed run must agree on them.
 RUN_FLAGS = ("method", "key_mode", "seq_len", "batch", "lr", "warmup", "clip", "kl_weight", "ce_weight",
              "rank_step", "seed", "steps", "calib_windows", "data", "keep", "keep_weight", "ctx_len",
-             "protocol", "sft", "keeps", "window", "new_keep", "gumbel")
-
-
-def lr_at(step: int, steps: int, lr: float, warmup: float) -> float:
-    """Linear warm-up over the first `warmup` fraction of steps, then cosine decay to zero."""
-    n_warm = max(1, round(warmup * steps))
-    if step < n_warm:
-        return lr * (step + 1) / n_warm
-    return lr * 0.5 * (1 + math.cos(math.pi * (step - n_warm) / max(1, steps - n_warm)))
-
-
-def sample_batch(sources: list, batch: int, seq_len: int, gen: torch.Generator) -> torch.Tensor:
-    """`batch` random windows of seq_len + 1 tokens (inputs and next-token targets), each from a source (ids,
-    weight) drawn by weight (one source: no draw, so a single text samples as it always has). (B, T+1)"""
-    short = [len(ids) for ids, _ in sources if len(ids) <= seq_len + 1]
-    if short:
-        raise KVNestError(f"training text has {short[0]} tokens, too few for windows of {seq_len}; pass more text")
-    if len(sources) == 1:  # one text samples as it always has
-        ids = sources[0][0]
-        starts = torch.randint(0, len(ids) - seq_len - 1, (batch,), generator=gen).tolist()
-        return torch.stack([ids[s: s + seq_len + 1] for s in starts])
-    weights = torch.tensor([float(w) for _, w in sources])
-    windows = []
-    for i in torch.multinomial(weights, batch, True, generator=gen).tolist():
-        ids = sources[i][0]
-        start = int(torch.randint(0, len(ids) - seq_len - 1, (1,), generator=gen))
-        windows.append(ids[start: start + seq_len + 1])
-    return torch.stack(windows)
+             "protocol", "sft", "keeps", "window", "new_keep", "gumbel", "init")
 
 
 def sample_ranks(model: Transformer, step: int, gen: torch.Generator) -> torch.Tensor:
     """Ranks drawn uniformly from {step, 2 step, ..., D} per (layer, KV head). (L, H_kv)"""
     a = model.args
     return step * torch.randint(1, a.head_dim // step + 1, (a.n_layers, a.n_kv_heads), generator=gen)
-
-
-def optimizer_tensors(opt: torch.optim.Optimizer, names: list) -> dict:
-    """AdamW state as flat tensors for the checkpoint."""
-    out = {}
-    for name, p in zip(names, opt.param_groups[0]["params"]):
-        for k, v in opt.state.get(p, {}).items():
-            out[f"opt.{name}.{k}"] = torch.as_tensor(v)
-    return out
-
-
-def load_optimizer_tensors(opt: torch.optim.Optimizer, names: list, tensors: dict) -> None:
-    """AdamW state from a checkpoint's flat tensors: complete for every parameter, or (a fresh run) absent."""
-    if not tensors:
-        return
-    for name, p in zip(names, opt.param_groups[0]["params"]):
-        state = {k.split(".")[-1]: v.to(p.device) for k, v in tensors.items() if k.startswith(f"opt.{name}.")}
-        if set(state) != {"step", "exp_avg", "exp_avg_sq"} or state["step"].numel() != 1 or any(
-                state[k].shape != p.shape for k in ("exp_avg", "exp_avg_sq")):
-            raise KVNestError(f"--resume: the checkpoint's optimizer state of {name} is incomplete or of the wrong "
-                              f"shape; the checkpoint is damaged, train again without --resume")
-        state["step"] = state["step"].float().cpu()
-        opt.state[p] = state
 
 
 def check_resume(out: Path, meta: dict, cfg: dict, extra: dict) -> int:
@@ -113,8 +65,8 @@ def check_resume(out: Path, meta: dict, cfg: dict, extra: dict) -> int:
             step > 0 and not extra):
         raise KVNestError(f"--resume with {out}: it lacks a valid config, step (0 to {cfg['steps']}) or optimizer "
                           f"state; the checkpoint is damaged, train again without --resume")
-    old = {"window": 0, "new_keep": None, "gumbel": None, **old,  # what runs before these flags trained with
-           **{k: same_file(old.get(k), cfg[k]) for k in ("data", "sft")}}
+    old = {"window": 0, "new_keep": None, "gumbel": None, "init": None, **old,  # before these flags existed
+           **{k: same_file(old.get(k), cfg[k]) for k in ("data", "sft", "init")}}
     differ = ", ".join(f"{k}={old.get(k)}" for k in RUN_FLAGS if old.get(k) != cfg.get(k))
     if differ:
         raise KVNestError(f"--resume with {out}: the checkpoint was trained with {differ}; pass the same flags")
@@ -131,44 +83,6 @@ def same_file(recorded, given):
         if rw == gw and Path(r).resolve() == Path(g).resolve():
             return given
     return recorded
-
-
-def fit(module: torch.nn.Module, names: list, step_loss, save, cfg: dict, start: int = 0, extra: dict | None = None,
-        save_every: int = 50, stop_after: int | None = None, desc: str = "train"):
-    """AdamW on module's parameters `names` with warm-up + cosine lr and gradient clipping, from step `start`.
-    step_loss(step, generator) -> (loss, tokens); every step's generator is seeded by (seed, step), so a resumed
-    run repeats an uninterrupted one. save(step, optimizer tensors) writes the method's checkpoint (atomically)
-    every `save_every` steps and at the end; `stop_after` ends early after that step, as an interruption would."""
-    params = [getattr(module, n) for n in names]
-    opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=0.0)
-    load_optimizer_tensors(opt, names, extra or {})
-    steps = cfg["steps"]
-    bar = tqdm(range(start, steps), initial=start, total=steps, desc=desc)
-    t0, tokens = time.perf_counter(), 0
-    for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, cfg["lr"], cfg["warmup"])
-        loss, n = step_loss(step, torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + step))
-        if not torch.isfinite(loss):
-            raise KVNestError(f"the loss is {loss.item()} at step {step}; {desc} stopped and kept the last good "
-                              f"checkpoint; lower --lr or check the data")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg["clip"])
-        opt.step()
-        if not all(bool(torch.isfinite(p).all()) for p in params):
-            raise KVNestError(f"a weight became non-finite at step {step}; {desc} stopped and kept the last good "
-                              f"checkpoint; lower --lr")
-        tokens += n
-        bar.set_postfix(loss=f"{loss.item():.4f}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
-        if (step + 1) % save_every == 0 or step + 1 in (steps, stop_after):
-            save(step + 1, optimizer_tensors(opt, names))
-        if step + 1 == stop_after:
-            break
-
-
-def autocast_for(model: Transformer):
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=model.inv_freq.device.type == "cuda")
 
 
 def train_matryoshka(model: Transformer, sources: list, cfg: dict, out: Path, meta_extra: dict,
@@ -221,13 +135,21 @@ def train_gate(model: Transformer, sources: list | None, cfg: dict, out: Path, m
         return torch.tensor([prompt + answer]), len(prompt)
 
     start, extra, keeps, new_keep, window = 0, {}, cfg.get("keeps"), cfg.get("new_keep"), cfg["window"]
+    a = model.args
     if resume and out.exists():
         gate, meta, extra = load_gate(out, model)
         start = check_resume(out, meta, cfg, extra)
+    elif cfg.get("init"):  # a trained gate; its keep input's offsets start at zero
+        base = load_gate(cfg["init"], model)[0]
+        if base.keeps:
+            raise KVNestError(f"--init {cfg['init']} already has a keep input; start from a gate trained at one keep")
+        fields = {f: getattr(base, f) for f in FIELDS if f != "keeps"}
+        gate = Gate(a.n_layers, a.n_kv_heads, a.dim, keeps=keeps, **fields)
+        gate.load_state_dict(base.state_dict(), strict=False)
+        gate.to(model.inv_freq.device)
     else:
-        a = model.args
-        gate = Gate(a.n_layers, a.n_kv_heads, a.dim, seed=cfg["seed"], new_tokens=new_keep is not None).to(
-            model.inv_freq.device)
+        gate = Gate(a.n_layers, a.n_kv_heads, a.dim, seed=cfg["seed"], new_tokens=new_keep is not None,
+                    keeps=keeps or ()).to(model.inv_freq.device)
         calib, ctx = sample(torch.Generator().manual_seed(cfg["seed"]))
         calib = calib[:, :-1].to(model.inv_freq.device)
         calibrate_gate(model, gate, calib[:, :ctx], statistics.median(keeps) if keeps else cfg["keep"])
@@ -264,7 +186,11 @@ def train_gate(model: Transformer, sources: list | None, cfg: dict, out: Path, m
     def save(step, opt_tensors):
         save_gate(out, gate, dict(meta, step=step), opt_tensors)
 
-    names = ["w", "u", "c", "wq", "wk"] + (["w_new", "u_new", "c_new"] if gate.new_tokens else [])
+    knots = ["w_keep", "u_keep", "c_keep"] if keeps else []
+    names = knots if cfg.get("init") else (["w", "u", "c", "wq", "wk"] + knots +
+                                           (["w_new", "u_new", "c_new"] if gate.new_tokens else []))
+    for name, p in gate.named_parameters():
+        p.requires_grad_(name in names)  # the rest stays as --init trained it
     fit(gate, names, step_loss, save, cfg, start, extra, desc="train gate", **fit_kw)
     return gate
 
@@ -327,6 +253,8 @@ def main(argv=None):
     p.add_argument("--keep-weight", type=nonnegative, default=10.0, help="gate: weight of (kept - keep)^2")
     p.add_argument("--keeps", type=ratios, help="gate: one gate for every keep: a keep ratio drawn per step from "
                    "this list (e.g. 0.125,0.25,0.5,0.75), flags at exactly that fraction (replaces --keep)")
+    p.add_argument("--init", help="gate, with --keeps: start from this gate trained at one keep and train only "
+                   "the keep input's per-keep offsets")
     p.add_argument("--ctx-len", type=count, default=384, help="gate: context tokens of each window")
     p.add_argument("--protocol", choices=["after", "inside"], default="after",
                    help="gate: evict after a full-attention prefill or inside it (the paper's protocol)")
@@ -357,7 +285,7 @@ def main(argv=None):
     if args.out.parent.exists() and not args.out.parent.is_dir():
         raise KVNestError(f"--out {args.out}: {args.out.parent} is a file, not a folder")
     given = [f for f in ("key_mode", "rank_step", "calib_windows") if getattr(args, f) != p.get_default(f)]
-    gate_only = ("keep", "keep_weight", "ctx_len", "protocol", "sft", "keeps", "window", "new_keep", "gumbel")
+    gate_only = ("keep", "keep_weight", "ctx_len", "protocol", "sft", "keeps", "window", "new_keep", "gumbel", "init")
     given = given if args.method == "gate" else [f for f in gate_only if getattr(args, f) != p.get_default(f)]
     given = given or [f for f in ("keep", "keep_weight") if args.keeps and getattr(args, f) != p.get_default(f)]
     if given:
@@ -366,6 +294,10 @@ def main(argv=None):
     if args.gumbel and args.keeps:
         raise KVNestError("--gumbel relaxes the gate's own threshold z >= 0, --keeps trains exact keep ratios; drop "
                           "one")
+    if args.init and not args.keeps:
+        raise KVNestError("--init starts one gate for every keep from a gate trained at one: give --keeps too")
+    if args.init and args.new_keep is not None:
+        raise KVNestError("--init trains only the keep input's offsets, not the decoded-token head: drop --new-keep")
     if args.new_keep is not None and args.window < 1:
         raise KVNestError("--new-keep needs --window >= 1 (how many queries see a decoded token before it is "
                           "judged), e.g. --window 32")

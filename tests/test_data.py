@@ -5,8 +5,9 @@ import torch
 
 from assets import data_weight, load_mix, load_text, mixed_windows
 from corpus import MIN_CHARS, docstrings, sample
+from distill import sample_batch
 from errors import KVNestError
-from train import check_resume, sample_batch, same_file
+from train import check_resume, same_file
 
 
 def test_one_source_draws_the_windows_it_always_drew():
