@@ -205,17 +205,24 @@ def layer_scores(attn, layer: int, x: torch.Tensor, cos, sin, policy: Policy, ke
                        protocol.window)
 
 
-def scoring_hooks(model: Transformer, on_scores, policy: Policy, keep, protocol: Protocol, train,
-                  before: bool) -> list:
-    """Forward (pre-)hooks on every attention layer: from its input x, score the context and hand
-    on_scores(layer, scores) the result. before: ahead of the layer's attention (eviction inside the prefill)."""
+def attention_hooks(model: Transformer, on_input, before: bool) -> list:
+    """Forward (pre-)hooks on every attention layer that hand on_input(layer, attn, x, cos, sin) the layer's input
+    x (B, T, dim) and its RoPE tables; before: ahead of the layer's attention, else after it."""
     def hook(i):
         def fn(attn, args, *output):
-            x, _, cos, sin = args[:4]
-            on_scores(i, layer_scores(attn, i, x, cos, sin, policy, keep, protocol, train))
+            x, _, cos, sin = args[:4]  # the attention's forward(x, pos, cos, sin, cache, ...)
+            on_input(i, attn, x, cos, sin)
         return fn
     register = "register_forward_pre_hook" if before else "register_forward_hook"
     return [getattr(layer.attn, register)(hook(i)) for i, layer in enumerate(model.layers)]
+
+
+def scoring_hooks(model: Transformer, on_scores, policy: Policy, keep, protocol: Protocol, train,
+                  before: bool) -> list:
+    """Hooks that score every layer's context from its input and hand on_scores(layer, scores) the result.
+    before: ahead of the layer's attention (eviction inside the prefill)."""
+    return attention_hooks(model, lambda i, attn, x, cos, sin: on_scores(
+        i, layer_scores(attn, i, x, cos, sin, policy, keep, protocol, train)), before)
 
 
 def prefill(model: Transformer, context: torch.Tensor, cache: KVCache, policy: Policy, keep,

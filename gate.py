@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from checkpoints import load_checkpoint, load_into, save_checkpoint
 from errors import KVNestError
-from evict import Policy, check_keep, context_scores, flags_from_scores, received_attention
+from evict import Policy, attention_hooks, check_keep, context_scores, flags_from_scores, received_attention
 from model import KVCache, Transformer
 
 N_FEATURES = 6  # snap, snap pooled, mean received (H2O), log distance to end, sink, own reduced attention
@@ -266,14 +266,10 @@ def check_new_tokens(gate) -> None:
 def judged_hooks(model: Transformer, gate: Gate, window: int, on_logits) -> list:
     """Forward pre-hooks on every attention layer: from its input, the decoded-token logits (B, H_kv, T) of the
     tokens it is given (Gate.judged_logits), handed to on_logits(layer, z) before the layer attends."""
-
-    def hook(i):
-        def fn(attn, args):
-            x, _, cos, sin = args[:4]
-            q, _, k, _ = attn.qkv(x, cos, sin)
-            on_logits(i, gate.judged_logits(i, x.float(), q.detach(), k.detach(), window))
-        return fn
-    return [layer.attn.register_forward_pre_hook(hook(i)) for i, layer in enumerate(model.layers)]
+    def on_input(i, attn, x, cos, sin):
+        q, _, k, _ = attn.qkv(x, cos, sin)
+        on_logits(i, gate.judged_logits(i, x.float(), q.detach(), k.detach(), window))
+    return attention_hooks(model, on_input, before=True)
 
 
 def judged_forward(model: Transformer, tokens: torch.Tensor, pos: int, cache: KVCache, gate: Gate, window: int,
