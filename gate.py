@@ -46,17 +46,13 @@ from model import KVCache, Transformer
 N_FEATURES = 6  # snap, snap pooled, mean received (H2O), log distance to end, sink, own reduced attention
 
 
-def joint_flags(scores: list, keep: float, straight_through: bool = False) -> list:
-    """A gate at an exact keep ratio: one threshold over all (layer, head, token) logits of each sequence. The
-    keep ratio acts as that threshold, so one gate serves every keep; training at keep ratios drawn per step
-    (train.py --keeps) uses the straight-through estimator around it (backward: d sigmoid(z - threshold))."""
+def joint_flags(scores: list, keep: float) -> list:
+    """A gate at an exact keep ratio: one threshold over all (layer, head, token) logits of each sequence, so the
+    heads' shares of the budget are the gate's. The keep ratio acts as that threshold: one gate serves every keep."""
     z = torch.stack(scores, 1)  # (B, L, H_kv, T)
     n = max(1, round(z[0].numel() * keep))
-    thr = z.detach().flatten(1).topk(n, dim=-1).values[:, -1][:, None, None, None]  # (B, 1, 1, 1)
-    hard = (z >= thr).float()
-    if straight_through:
-        hard = hard + torch.sigmoid(z - thr) - torch.sigmoid(z - thr).detach()  # = hard exactly
-    return list(hard.unbind(1))
+    thr = z.flatten(1).topk(n, dim=-1).values[:, -1][:, None, None, None]  # (B, 1, 1, 1)
+    return list((z >= thr).float().unbind(1))
 
 
 @dataclass
@@ -146,12 +142,12 @@ class Gate(nn.Module, Policy):
 
     def flags(self, scores, keep, exact, train):
         """Exact: one threshold over all the given layers and heads (n = keep of their entries), or with keep per
-        head ((layers, H_kv), a joint plan) each head's top n; else z >= 0."""
-        if exact and callable(train):
-            raise KVNestError("a relaxation trains the gate's own threshold z >= 0, not exact keep ratios; drop "
-                              "--gumbel or --keeps")
+        head ((layers, H_kv), a joint plan) each head's top n; else z >= 0 (the flags a gate trains through)."""
+        if exact and train:
+            raise KVNestError("a gate trains through its own threshold z >= 0 and a penalty on the kept fraction, "
+                              "not at exact keep ratios")
         if exact and not torch.is_tensor(keep):
-            return joint_flags(scores, keep, train)
+            return joint_flags(scores, keep)
         return flags_from_scores(scores, keep, exact, train)
 
     def score(self, layer, x, q, k, keep):
@@ -332,6 +328,16 @@ def calibrate_gate(model: Transformer, gate: Gate, context: torch.Tensor, keep: 
     gate.c.zero_()
     for i, z in enumerate(context_scores(model, context, gate)):
         gate.c[i] = -torch.quantile(z.transpose(0, 1).flatten(1).float(), 1 - keep, dim=1)  # (H_kv,)
+
+
+@torch.no_grad()
+def calibrate_knots(model: Transformer, gate: Gate, context: torch.Tensor) -> None:
+    """Set each knot's bias offsets to one shift of all its (layer, head) logits, so that the flags z >= 0 keep
+    the knot's fraction of this context while the heads' shares of it stay the gate's: the start point."""
+    gate.c_keep.zero_()
+    z = torch.stack(context_scores(model, context, gate), 1).flatten()  # every (layer, head, token) logit
+    for i, keep in enumerate(gate.keeps):
+        gate.c_keep[i] = -torch.quantile(z.float(), 1 - keep)
 
 
 FIELDS = ("gate_heads", "gate_dim", "obs", "pool", "sinks", "new_tokens", "keeps")  # recorded beside the weights

@@ -17,9 +17,10 @@ the trained projections.
 Attention-Gate (Zeng et al., 2024): only the gate trains, on the same loss over the continuation of each window
 after its context was evicted by the gate's straight-through flags, plus keep_weight * (kept - keep)^2.
 `--keeps 0.125,0.25,0.5,0.75` trains one gate for every keep, the Matryoshka idea on the token axis: each step
-draws a keep ratio from the list, the gate gets it as an input (per-keep offsets of its weights, gate.py), and the
-flags are the exact top fraction of the gate's logits (one threshold over all layers and heads, as eval.py scores a
-gate). `--init GATE` starts such a run from a gate trained at one keep and trains only the per-keep offsets.
+draws a keep ratio from the list, the gate gets it as an input (per-keep offsets of its weights, gate.py, each
+knot's bias calibrated to its keep at the start), and the penalty pulls toward the drawn keep. `--init GATE` starts
+such a run from a gate trained at one keep and trains only the per-keep offsets. (eval.py scores a gate at exact
+keep ratios: one threshold over all layers and heads.)
 `--protocol inside` evicts inside the prefill (the paper's protocol); `--sft pairs.jsonl` trains on prompt/answer
 pairs instead of text windows: the prompt is evicted and the loss is on the answer. `--new-keep K` also trains the
 gate's decoded-token head: every continuation token is judged after --window queries, in one forward
@@ -40,8 +41,8 @@ from errors import KVNestError, Parser, count, nonnegative, positive, ratio, rat
 from eval import SWEEP_BUDGETS, eval_windows, eviction_table, score, score_evictions
 from evict import Protocol, prefill
 from flags import add_model_flags, model_from_flags
-from gate import (FIELDS, Gate, GumbelSigmoid, calibrate_gate, calibrate_new_tokens, judged, judged_forward, load_gate,
-                  save_gate)
+from gate import (FIELDS, Gate, GumbelSigmoid, calibrate_gate, calibrate_knots, calibrate_new_tokens, judged,
+                  judged_forward, load_gate, save_gate)
 from losses import distill_loss
 from model import KVCache, Transformer
 
@@ -126,7 +127,7 @@ def train_gate(model: Transformer, sources: list | None, cfg: dict, out: Path, m
     token lists per step (the prompt is the context). The context is evicted after the prefill (or inside it:
     cfg["protocol"]) by the gate's straight-through flags; the continuation's predictions, from the context's last
     one on, are distilled from the full model; and keep_weight * (kept fraction - keep)^2 pulls the kept fraction
-    toward --keep (with cfg["keeps"], the flags keep exactly the drawn fraction)."""
+    toward --keep (with cfg["keeps"], toward the keep drawn for the step)."""
     def sample(gen):
         """(B, T + 1) tokens and the context length."""
         if pairs is None:
@@ -139,20 +140,23 @@ def train_gate(model: Transformer, sources: list | None, cfg: dict, out: Path, m
     if resume and out.exists():
         gate, meta, extra = load_gate(out, model)
         start = check_resume(out, meta, cfg, extra)
-    elif cfg.get("init"):  # a trained gate; its keep input's offsets start at zero
-        base = load_gate(cfg["init"], model)[0]
-        if base.keeps:
-            raise KVNestError(f"--init {cfg['init']} already has a keep input; start from a gate trained at one keep")
-        fields = {f: getattr(base, f) for f in FIELDS if f != "keeps"}
-        gate = Gate(a.n_layers, a.n_kv_heads, a.dim, keeps=keeps, **fields)
-        gate.load_state_dict(base.state_dict(), strict=False)
-        gate.to(model.inv_freq.device)
     else:
-        gate = Gate(a.n_layers, a.n_kv_heads, a.dim, seed=cfg["seed"], new_tokens=new_keep is not None,
-                    keeps=keeps or ()).to(model.inv_freq.device)
         calib, ctx = sample(torch.Generator().manual_seed(cfg["seed"]))
         calib = calib[:, :-1].to(model.inv_freq.device)
-        calibrate_gate(model, gate, calib[:, :ctx], statistics.median(keeps) if keeps else cfg["keep"])
+        if cfg.get("init"):  # a trained gate, and a keep input whose weight offsets start at zero
+            base = load_gate(cfg["init"], model)[0]
+            if base.keeps:
+                raise KVNestError(f"--init {cfg['init']} already has a keep input; start from a gate trained at one "
+                                  f"keep")
+            fields = {f: getattr(base, f) for f in FIELDS if f != "keeps"}
+            gate = Gate(a.n_layers, a.n_kv_heads, a.dim, keeps=keeps, **fields).to(model.inv_freq.device)
+            gate.load_state_dict(base.state_dict(), strict=False)
+        else:
+            gate = Gate(a.n_layers, a.n_kv_heads, a.dim, seed=cfg["seed"], new_tokens=new_keep is not None,
+                        keeps=keeps or ()).to(model.inv_freq.device)
+            calibrate_gate(model, gate, calib[:, :ctx], statistics.median(keeps) if keeps else cfg["keep"])
+        if keeps:
+            calibrate_knots(model, gate, calib[:, :ctx])
         if new_keep is not None:
             calibrate_new_tokens(model, gate, calib, ctx, new_keep, window)
     meta = dict(meta_extra, keep=keeps or cfg["keep"], model=model.fingerprint(), config=cfg)
@@ -168,7 +172,7 @@ def train_gate(model: Transformer, sources: list | None, cfg: dict, out: Path, m
             teacher = model(x[:, :-1])[:, ctx - 1:]  # (B, T - ctx + 1, V)
         cache = KVCache(model, x.shape[0], x.shape[1] - 1)
         with autocast_for(model):
-            ctx_logits, flags = prefill(model, x[:, :ctx], cache, gate, keep, exact=bool(keeps), compact=False,
+            ctx_logits, flags = prefill(model, x[:, :ctx], cache, gate, keep, exact=False, compact=False,
                                         train=train, protocol=protocol)
             if new_keep is None:
                 rest = model(x[:, ctx:-1], ctx, cache)
@@ -252,7 +256,7 @@ def main(argv=None):
     p.add_argument("--keep", type=ratio, default=0.5, help="gate: target kept fraction of the context")
     p.add_argument("--keep-weight", type=nonnegative, default=10.0, help="gate: weight of (kept - keep)^2")
     p.add_argument("--keeps", type=ratios, help="gate: one gate for every keep: a keep ratio drawn per step from "
-                   "this list (e.g. 0.125,0.25,0.5,0.75), flags at exactly that fraction (replaces --keep)")
+                   "this list (e.g. 0.125,0.25,0.5,0.75) and given to the gate as an input (replaces --keep)")
     p.add_argument("--init", help="gate, with --keeps: start from this gate trained at one keep and train only "
                    "the keep input's per-keep offsets")
     p.add_argument("--ctx-len", type=count, default=384, help="gate: context tokens of each window")
@@ -287,13 +291,10 @@ def main(argv=None):
     given = [f for f in ("key_mode", "rank_step", "calib_windows") if getattr(args, f) != p.get_default(f)]
     gate_only = ("keep", "keep_weight", "ctx_len", "protocol", "sft", "keeps", "window", "new_keep", "gumbel", "init")
     given = given if args.method == "gate" else [f for f in gate_only if getattr(args, f) != p.get_default(f)]
-    given = given or [f for f in ("keep", "keep_weight") if args.keeps and getattr(args, f) != p.get_default(f)]
+    given = given or (["keep"] if args.keeps and args.keep != p.get_default("keep") else [])
     if given:
         raise KVNestError(f"--{given[0].replace('_', '-')} does not act with --method {args.method}"
                           f"{' --keeps' if args.method == 'gate' else ''}; drop it")
-    if args.gumbel and args.keeps:
-        raise KVNestError("--gumbel relaxes the gate's own threshold z >= 0, --keeps trains exact keep ratios; drop "
-                          "one")
     if args.init and not args.keeps:
         raise KVNestError("--init starts one gate for every keep from a gate trained at one: give --keeps too")
     if args.init and args.new_keep is not None:

@@ -271,13 +271,13 @@ def test_scripts_end_to_end_on_a_tiny_model(tiny_llama, word_text, tmp_path):
                                         capture_output=True, text=True).stderr
 
 
-@pytest.mark.parametrize("method", ["matryoshka", "gate", "gate+new"])
+@pytest.mark.parametrize("method", ["matryoshka", "gate", "gate+new", "gate+keeps"])
 @pytest.mark.parametrize("device,dtype", [("cpu", "bfloat16"), ("cpu", "float16"), ("cuda", "float32"),
                                           ("cuda", "bfloat16")])
 def test_train_py_runs_in_half_precision_and_on_cuda(method, device, dtype, tiny_llama, word_text, tmp_path):
     """Both methods train on a half-precision model (on CUDA in bf16 autocast too): the trained tensors stay fp32
     and finite, move off their start, and the checkpoint loads on the CPU in fp32. gate+new: with the decoded-token
-    head and Gumbel-sigmoid flags."""
+    head and Gumbel-sigmoid flags; gate+keeps: one gate for every keep, with its keep input."""
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     from gate import load_gate
@@ -286,11 +286,13 @@ def test_train_py_runs_in_half_precision_and_on_cuda(method, device, dtype, tiny
     argv = ["--model", str(tiny_llama[0]), "--method", method.split("+")[0], "--data", str(word_text), "--seq-len",
             "40", "--steps", "4", "--lr", "0.01", "--device", device, "--dtype", dtype, "--out", str(out), "--no-table"]
     extra = {"matryoshka": [], "gate": ["--ctx-len", "20"],
-             "gate+new": ["--ctx-len", "20", "--window", "4", "--new-keep", "0.3", "--gumbel", "0.5"]}[method]
+             "gate+new": ["--ctx-len", "20", "--window", "4", "--new-keep", "0.3", "--gumbel", "0.5"],
+             "gate+keeps": ["--ctx-len", "20", "--keeps", "0.25,0.75"]}[method]
     train_main(argv + extra)
     model = load_model(tiny_llama[0])
     trained = load_projections(out, model)[0] if method == "matryoshka" else load_gate(out, model)[0]
-    names = {"matryoshka": ["W_k", "W_v"], "gate": ["u", "c"], "gate+new": ["u", "u_new"]}[method]  # W, u: 0 at start
+    names = {"matryoshka": ["W_k", "W_v"], "gate": ["u", "c"], "gate+new": ["u", "u_new"],
+             "gate+keeps": ["u", "u_keep", "w_keep"]}[method]  # W, u: 0 at start
     for name in names:
         p = getattr(trained, name)
         assert p.dtype == torch.float32 and torch.isfinite(p).all() and p.abs().max() > 0, name

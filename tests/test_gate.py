@@ -177,25 +177,16 @@ def test_joint_flags_keep_the_exact_total():
     assert [int(torch.stack(flags, 1)[b].sum()) for b in range(3)] == [round(0.3 * 400)] * 3
 
 
-def test_joint_straight_through_flags_are_the_exact_top_n_with_the_sigmoid_gradient_around_the_threshold():
-    z = [torch.tensor([[[-2.0, -0.1, 0.5, 0.3, 4.0]]], requires_grad=True)]
-    f = joint_flags(z, 0.4, straight_through=True)[0]
-    assert f.tolist() == [[[0, 0, 1, 0, 1]]]  # the top 2 of 5: the threshold is the second largest logit, 0.5
-    f.sum().backward()
-    s = torch.sigmoid(z[0].detach() - 0.5)
-    assert torch.allclose(z[0].grad, s * (1 - s))
-
-
 def test_one_gate_trained_at_drawn_keep_ratios_improves_at_each_of_them(tiny_llama, tmp_path):
-    """train.py --keeps: a keep ratio drawn per step and exact flags at it; the gate gets better at every keep
-    it was trained for, scored as eval.py scores a gate (one threshold over all layers and heads)."""
+    """train.py --keeps: a keep ratio drawn per step and given to the gate as an input; the gate gets better at
+    every keep it was trained for, scored as eval.py scores a gate (one threshold over all layers and heads)."""
     ids = tokens(100, 1)[0].repeat(20)
     held_out = ids[7:487].view(10, 48)
     model = load_model(tiny_llama[0])
     start = Gate(2, 2, 64)
     calibrate_gate(model, start, ids[:94].view(2, 47)[:, :32], 0.5)  # the median of the keeps: train_gate's start
     gate = train_gate(model, [(ids, 1.0)], gate_cfg(keeps=[0.25, 0.75]), tmp_path / "k.safetensors", {})
-    for keep, gain in ((0.25, 0.99), (0.75, 0.95)):  # measured: 0.676 -> 0.662 and 0.209 -> 0.188
+    for keep, gain in ((0.25, 0.85), (0.75, 0.4)):  # measured: 0.676 -> 0.527 and 0.209 -> 0.048
         kl = [score_eviction(model, held_out, g, keep, 32, exact=True)["kl"] for g in (start, gate)]
         assert kl[1] < gain * kl[0], (keep, kl)
     assert gate.keeps == (0.25, 0.75) and gate.w_keep.abs().sum() > 0  # the keep input trains with the rest
@@ -236,7 +227,7 @@ def test_gumbel_sigmoid_flags_are_draws_kept_with_probability_sigmoid_z():
     assert torch.equal(f, draw())  # the generator decides the noise: a resumed run repeats it
     f.sum().backward()
     assert (z.grad.sum(0) > 0).all()  # a higher logit keeps more
-    with pytest.raises(KVNestError, match="not exact keep ratios"):
+    with pytest.raises(KVNestError, match="not at exact keep ratios"):
         Gate(2, 2, 64).flags([z[None, None, :2]], 0.5, True, GumbelSigmoid(0.5, torch.Generator()))
 
 

@@ -73,13 +73,13 @@ def test_init_trains_only_the_offsets_and_improves_at_each_keep(tiny_llama, tmp_
     base = Gate(2, 2, 64)
     calibrate_gate(model, base, ids[:94].view(2, 47)[:, :32], 0.5)
     save_gate(tmp_path / "base.safetensors", base, {"model": model.fingerprint()})
-    cfg = gate_cfg(keeps=[0.25, 0.75], init=str(tmp_path / "base.safetensors"), lr=3e-2)
+    cfg = gate_cfg(keeps=[0.25, 0.75], init=str(tmp_path / "base.safetensors"))
     start = train_gate(model, [(ids, 1.0)], dict(cfg, steps=0), tmp_path / "s.safetensors", {})
     gate = train_gate(model, [(ids, 1.0)], cfg, tmp_path / "k.safetensors", {})
     for name, p in base.named_parameters():
         assert torch.equal(p, getattr(gate, name)), name
     assert gate.w_keep.abs().sum() > 0 and gate.c_keep.abs().sum() > 0
-    for keep, gain in ((0.25, 0.9), (0.75, 0.96)):  # measured: 0.676 -> 0.583 and 0.209 -> 0.195
+    for keep, gain in ((0.25, 0.9), (0.75, 0.6)):  # measured: 0.676 -> 0.587 and 0.209 -> 0.111
         kl = [score_eviction(model, held_out, g, keep, 32, exact=True)["kl"] for g in (base, start, gate)]
         assert kl[0] == kl[1] and kl[2] < gain * kl[0], (keep, kl)
     loaded = load_gate(tmp_path / "k.safetensors", model)[0]
@@ -102,3 +102,17 @@ def test_a_damaged_keeps_field_is_a_clear_error(tiny_llama, tmp_path, keeps):
     save_checkpoint(tmp_path / "bad.safetensors", tensors, dict(meta, keeps=keeps))
     with pytest.raises(KVNestError, match="gate field keeps=.* is not valid; the checkpoint is damaged"):
         load_gate(tmp_path / "bad.safetensors", model)
+
+
+def test_drawn_keeps_train_with_gumbel_sigmoid_flags_too(tiny_llama, tmp_path):
+    """--keeps with --gumbel: the relaxed flags of the gate's own threshold, the expected kept fraction pulled
+    toward the drawn keep; scored at exact keeps, the gate improves at both."""
+    ids = tokens(100, 1)[0].repeat(20)
+    held_out = ids[7:487].view(10, 48)
+    model = load_model(tiny_llama[0])
+    start = Gate(2, 2, 64)
+    calibrate_gate(model, start, ids[:94].view(2, 47)[:, :32], 0.5)
+    gate = train_gate(model, [(ids, 1.0)], gate_cfg(keeps=[0.25, 0.75], gumbel=0.5), tmp_path / "g.safetensors", {})
+    for keep in (0.25, 0.75):
+        kl = [score_eviction(model, held_out, g, keep, 32, exact=True)["kl"] for g in (start, gate)]
+        assert kl[1] < 0.9 * kl[0], (keep, kl)
