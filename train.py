@@ -125,9 +125,10 @@ def train_gate(model: Transformer, sources: list | None, cfg: dict, out: Path, m
     """Run (or continue) Attention-Gate training on windows of the sources ((ids, weight) pairs; each window a
     ctx_len-token context, then its continuation) or, for supervised fine-tuning, on one (prompt, answer) pair of
     token lists per step (the prompt is the context). The context is evicted after the prefill (or inside it:
-    cfg["protocol"]) by the gate's straight-through flags; the continuation's predictions, from the context's last
-    one on, are distilled from the full model; and keep_weight * (kept fraction - keep)^2 pulls the kept fraction
-    toward --keep (with cfg["keeps"], toward the keep drawn for the step)."""
+    cfg["protocol"]) by the gate's flags (straight-through, or Gumbel-sigmoid with cfg["gumbel"]); the
+    continuation's predictions, from the context's last one on, are distilled from the full model; and
+    keep_weight * (kept fraction - keep)^2 pulls the kept fraction toward --keep (with cfg["keeps"], toward the keep
+    drawn for the step)."""
     def sample(gen):
         """(B, T + 1) tokens and the context length."""
         if pairs is None:

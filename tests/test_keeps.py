@@ -7,18 +7,14 @@ import torch
 from safetensors import safe_open
 
 from checkpoints import save_checkpoint
-from conftest import run_config
 from errors import KVNestError
 from eval import score_eviction
 from gate import Gate, calibrate_gate, load_gate, save_gate
+from test_gate import gate_cfg, tokens
 from train import train_gate
 from weights import load_model
 
 KNOTS = (0.125, 0.25, 0.5, 0.75)
-
-
-def tokens(n, batch=2, seed=0):
-    return torch.randint(0, 128, (batch, n), generator=torch.Generator().manual_seed(seed))
 
 
 def test_knot_weights_are_piecewise_linear_in_log2_keep():
@@ -57,10 +53,6 @@ def test_a_gate_with_knots_scores_as_the_plain_gate_of_its_interpolated_weights(
     assert torch.allclose(z[:, 0], g.score(1, h, q, k, 0.25)[:, 0], atol=1e-5)
     assert torch.allclose(z[:, 1], g.score(1, h, q, k, 0.75)[:, 1], atol=1e-5)
     assert not torch.allclose(z[:, 1], g.score(1, h, q, k, 0.25)[:, 1], atol=1e-3)
-
-
-def gate_cfg(**kw):
-    return run_config(method="gate", seq_len=47, ctx_len=32, **kw)
 
 
 def test_init_trains_only_the_offsets_and_improves_at_each_keep(tiny_llama, tmp_path):
