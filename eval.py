@@ -230,7 +230,7 @@ def eviction_table(model: Transformer, windows: torch.Tensor, gates: dict, keeps
     return "\n".join(lines) + note, results
 
 
-def eviction_main(args, model, tok, features, policy, keep) -> None:
+def eviction_main(args, model, tok, features, policy, keep, plan) -> None:
     """--evict METHOD / --evict-sweep: continuation perplexity and KL after evicting the context's cache."""
     from evict import Protocol
     protocol = Protocol(args.protocol == "inside", args.sinks, args.window)
@@ -257,9 +257,8 @@ def eviction_main(args, model, tok, features, policy, keep) -> None:
         return
     result = score_eviction(model, windows, policy, keep, args.ctx_len, None if args.gate_threshold else True,
                             protocol, features, gate_new=args.gate_new)
-    if args.plan:  # each head its own keep ratio and ranks: the plan's share of the full cache's bytes
-        from plan import load_plan
-        plan, size = load_plan(args.plan, model, args.budget), model.lm_head.weight.element_size()
+    if plan is not None:  # each head its own keep ratio and ranks: the plan's share of the full cache's bytes
+        size = model.lm_head.weight.element_size()
         result = dict(method="plan", policy=plan.policy, protocol=args.protocol, requested_keep=float(
             plan.keep.mean()), **result, budget=plan.budget(model.args.head_dim, size))
     else:
@@ -323,7 +322,7 @@ def main(argv=None):
         windows = eval_windows(tok, args.data, args.windows or 6, args.seq_len)
         print(matryoshka_sweep(model, windows, args.projections, args.ranks, Path(args.out_dir)))
         return
-    features, policy, keep, _ = compression_from_flags(model, args)
+    features, policy, keep, _, plan = compression_from_flags(model, args)
     if args.transformers:
         windows = eval_windows(tok, args.data, args.windows or (8 if args.evict else 6), args.seq_len)
         compression = dict(projections=args.projections, budget=args.budget, ranks=args.ranks, policy=args.evict,
@@ -331,7 +330,7 @@ def main(argv=None):
         result = score_transformers(folder, model, windows, args.ctx_len if args.evict else None, **compression)
         return report(dict(through="transformers + hf.py", **result), args.json)
     if args.evict or args.evict_sweep or args.plan:
-        return eviction_main(args, model, tok, features, policy, keep)
+        return eviction_main(args, model, tok, features, policy, keep, plan)
     windows = eval_windows(tok, args.data, args.windows or 6, args.seq_len)
     result = {"model": folder, "windows": len(windows), "seq_len": args.seq_len}
     if features is not None:

@@ -61,8 +61,9 @@ def add_compression_flags(p, sweep: bool = False) -> None:
 
 
 def compression_from_flags(model, args) -> tuple:
-    """(features, policy, keep, exact) that the flags of add_compression_flags ask for. A gate is held to the exact
-    keep ratio over all layers and heads, as eval.py scores it; with --evict-sweep the policy is the gate (if any)."""
+    """(features, policy, keep, exact, plan) that the flags of add_compression_flags ask for (plan: the Plan of
+    --plan, else None). A gate is held to the exact keep ratio over all layers and heads, as eval.py scores it; with
+    --evict-sweep the policy is the gate (if any)."""
     sweep = getattr(args, "evict_sweep", False)
     if args.plan:
         return plan_from_flags(model, args, sweep)
@@ -75,13 +76,13 @@ def compression_from_flags(model, args) -> tuple:
     features = features_from_args(model, args)
     keep = 0.5 if args.keep is None else args.keep
     if args.evict not in ("gate", None):
-        return features, baseline(args.evict), keep, None
+        return features, baseline(args.evict), keep, None, None
     if args.evict == "gate" and args.gate is None:
         raise KVNestError("--evict gate needs --gate, a checkpoint from `python train.py --method gate`")
     if args.gate is None:
-        return features, None, 1.0, None
+        return features, None, 1.0, None, None
     from gate import load_gate
-    return features, load_gate(args.gate, model)[0], keep, True
+    return features, load_gate(args.gate, model)[0], keep, True, None
 
 
 def features_from_args(model, args):
@@ -93,7 +94,7 @@ def features_from_args(model, args):
 
 
 def plan_from_flags(model, args, sweep: bool) -> tuple:
-    """(features, policy, keep (L, H_kv), exact) of --plan: its ranks cut --projections' bases, its policy (--gate
+    """(features, policy, keep (L, H_kv), exact, plan) of --plan: its ranks cut --projections' bases, its policy (--gate
     for a gate) keeps each head's own top n."""
     from compress import load_projections, uniform_ranks
     given = [f for f, v in (("ranks", args.ranks), ("keep", args.keep), ("evict", args.evict),
@@ -116,7 +117,7 @@ def plan_from_flags(model, args, sweep: bool) -> tuple:
         with torch.no_grad():
             full = proj.features(*uniform_ranks(model, 1.0))
     if not plan.evicts:
-        return plan.features(full), None, 1.0, None
+        return plan.features(full), None, 1.0, None, plan
     from gate import load_gate
     policy = load_gate(args.gate, model)[0] if args.gate else baseline(plan.policy)
-    return plan.features(full), policy, plan.keep, True
+    return plan.features(full), policy, plan.keep, True, plan

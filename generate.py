@@ -58,7 +58,7 @@ def main(argv=None) -> None:
         raise KVNestError(f"--temperature {args.temperature} is below 0; pass 0 (greedy) or more")
     torch.manual_seed(0)
     model, tok, _ = model_from_flags(args)
-    features, policy, keep, exact = compression_from_flags(model, args)
+    features, policy, keep, exact, _ = compression_from_flags(model, args)
     ids = tok.encode(chatml(args.prompt) if args.chat else args.prompt)
     if not ids:
         raise KVNestError("the prompt is empty once tokenized; pass some text")

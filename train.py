@@ -151,7 +151,8 @@ def train_gate(model: Transformer, sources: list | None, cfg: dict, out: Path, m
                                   f"keep")
             fields = {f: getattr(base, f) for f in FIELDS if f != "keeps"}
             gate = Gate(a.n_layers, a.n_kv_heads, a.dim, keeps=keeps, **fields).to(model.inv_freq.device)
-            gate.load_state_dict(base.state_dict(), strict=False)
+            offsets = {k: v for k, v in gate.state_dict().items() if k.endswith("_keep")}  # zeros
+            gate.load_state_dict({**base.state_dict(), **offsets})  # strict: every other tensor is the base's
         else:
             gate = Gate(a.n_layers, a.n_kv_heads, a.dim, seed=cfg["seed"], new_tokens=new_keep is not None,
                         keeps=keeps or ()).to(model.inv_freq.device)
