@@ -211,10 +211,14 @@ class NewTokenGate:
         return keep
 
     def __call__(self, attn, args, output) -> None:
-        """Forward hook of the layer's attention, after a decode step: judge, and drop what the gate evicts."""
-        x, layer_cache = args[0], args[4]
+        """Forward hook of the layer's attention, after a decode step."""
+        self.judge(args[0], args[4])
+
+    def judge(self, x: torch.Tensor, layer_cache) -> None:
+        """After a decode step has written x (B, 1, dim)'s entries into layer_cache (observing) and attended: judge
+        the oldest pending token once it is due, and drop it from the heads that evict it."""
         P = self.pending + 1  # the pending tokens, the new one last
-        received = x.new_zeros(x.shape[0], attn.n_kv_heads, P, dtype=torch.float32)
+        received = x.new_zeros(x.shape[0], self.gate.c.shape[1], P, dtype=torch.float32)  # (B, H_kv, P)
         for g in layer_cache.groups:
             slots = g.length[..., None] - P + torch.arange(P, device=x.device)  # (B, n, P)
             p = g.probs[:, :, :, 0].gather(3, slots[:, :, None].expand(-1, -1, g.probs.shape[2], -1))  # (B, n, G, P)

@@ -16,6 +16,9 @@ the sampling; nothing of its code is copied here. Inside the block:
     where generate put its own (empty) cache, and generate carries it from step to step.
   - After the prefill, a forward hook evicts the prompt with any policy of evict.py or the gate: each sequence and
     KV head keeps its flagged entries, and LayerCache.compact drops the rest from memory.
+  - With `window` and a gate trained on decoded tokens (train.py --new-keep), every decoded token is judged once
+    `window` queries have seen it (gate.NewTokenGate, as generate.py --gate-new does); the prompt's last `window`
+    entries are kept, as that rule reaches them too.
   - Left padding: pad entries are invisible to every query of the prefill and compacted away after it; each
     sequence is scored and evicted as if it were alone.
 
@@ -36,8 +39,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from compress import load_projections, load_ranks, uniform_ranks
 from errors import KVNestError
-from evict import baseline, check_evictable, check_keep
-from gate import load_gate
+from evict import baseline, check_evictable, check_keep, protect
+from gate import NewTokenGate, check_new_tokens, load_gate
 from model import KVCache, Transformer
 from weights import (args_from_hf_config, assemble, kvnest_name, stored_tensors, tensor_digest, weight_files,
                      weights_digest)
@@ -123,12 +126,14 @@ class Attachment:
     policy: object = None
     keep: float = 1.0
     exact: bool | None = None
+    window: int = 0  # decoded tokens judged after this many queries (0: none judged)
     cache: KVNestCache | None = None
     rotary: object = None  # the model's rotary embedding module
     name: str = "cache"  # the forward's argument for a cache ("past_key_values" before transformers 5.x renamed it)
     x: dict = field(default_factory=dict)  # layer -> attention input (B, T, dim), for the policy
     k_pre: dict = field(default_factory=dict)  # layer -> keys before RoPE (B, T, H_kv * D)
     scores: dict = field(default_factory=dict)  # layer -> scores (B, H_kv, T), or one (1, H_kv, T_b) per sequence
+    judges: list = field(default_factory=list)  # per layer, the NewTokenGate of the cache in use (with window)
 
     def cache_kwargs(self) -> dict:
         """What continues the cache in use: model(tokens, **attached.cache_kwargs())."""
@@ -144,6 +149,9 @@ class Attachment:
         if cache.seen:
             if B != cache.kv.layers[0].groups[0].k.shape[0]:
                 raise KVNestError(f"a batch of {B} continues a cache of another batch size; start a new generation")
+            if self.window and T != 1:
+                raise KVNestError(f"decoded tokens are judged one per forward; {T} tokens continue the cache "
+                                  f"(drop window to feed several)")
             cache.make_room(T)
             return
         pads = torch.zeros(B, dtype=torch.long, device=tokens.device)
@@ -156,6 +164,8 @@ class Attachment:
                                   "generate one prompt at a time")
             pads = (mask == 0).sum(1)
         cache.kv, cache.pads, cache.padded = KVCache(self.view, B, T, self.features), pads, bool(pads.any())
+        self.judges = [NewTokenGate(self.policy, i, self.window) for i in range(len(cache.kv.layers))] \
+            if self.window else []
         if cache.kv.rope is not None:  # keys before RoPE are rotated where read: with transformers' own angles
             cache.kv.rope = self.rope(len(cache.kv.rope[0]))
         if cache.padded:
@@ -184,14 +194,17 @@ class Attachment:
         y = cache.kv.layers[i](q, k, key, value, pos, a.sliding_window, cache.kv.rope)  # (B, H_kv, G, T, D)
         if self.policy is not None and cache.seen == 0:
             self.scores[i] = self.score(i, self.x.pop(i), query, key)
+        elif self.judges:
+            self.judges[i].judge(self.x.pop(i), cache.kv.layers[i])
         return y.reshape(B, H, T, D).transpose(1, 2)
 
     def score(self, i: int, x, q, k):
-        """The policy's scores of layer i: of the whole batch, or of each sequence without its padding."""
+        """The policy's scores of layer i: of the whole batch, or of each sequence without its padding (the last
+        `window` entries forced kept)."""
         if not self.cache.padded:
-            return self.policy.score(i, x, q, k, self.keep)
-        return [self.policy.score(i, x[b: b + 1, p:], q[b: b + 1, :, p:], k[b: b + 1, :, p:], self.keep)
-                for b, p in enumerate(self.cache.pads.tolist())]
+            return protect(self.policy.score(i, x, q, k, self.keep), 0, self.window)
+        return [protect(self.policy.score(i, x[b: b + 1, p:], q[b: b + 1, :, p:], k[b: b + 1, :, p:], self.keep),
+                        0, self.window) for b, p in enumerate(self.cache.pads.tolist())]
 
     def end(self) -> None:
         """After a forward: evict after the prefill (and drop the pads)."""
@@ -199,6 +212,8 @@ class Attachment:
         if cache.seen == 0 and (self.policy is not None or cache.padded):
             for layer, f in zip(cache.kv.layers, self.flags(T)):
                 layer.compact(f, 0)
+                for g in layer.groups:
+                    g.observe = bool(self.window)  # each decode step's attention, for the judges
         cache.seen, cache.free = cache.seen + T, max(cache.free - T, 0)
 
     def flags(self, T: int) -> list:
@@ -224,9 +239,13 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
 AttentionInterface.register("kvnest", attention)
 
 
-def settings(view: Transformer, projections, budget, ranks, policy, gate, keep, exact) -> dict:
-    """The features, policy and keep that compress_cache's arguments name, checked as the scripts check them."""
+def settings(view: Transformer, projections, budget, ranks, policy, gate, keep, exact, window) -> dict:
+    """The features, policy, keep and window that compress_cache's arguments name, checked as the scripts check
+    them."""
     out = {"exact": exact}
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise KVNestError(f"window={window!r}: pass a whole number >= 1 (queries that see a decoded token before "
+                          f"it is judged), e.g. 32")
     if projections is not None:
         if budget is None and ranks is None:
             raise KVNestError("projections need a budget (uniform ranks) or ranks (a search.py file)")
@@ -237,8 +256,8 @@ def settings(view: Transformer, projections, budget, ranks, policy, gate, keep, 
     elif budget is not None or ranks is not None:
         raise KVNestError("budget and ranks act with projections; pass projections too")
     if policy is None:
-        if gate is not None or keep is not None:
-            raise KVNestError("gate and keep act with a policy; pass policy too")
+        if gate is not None or keep is not None or window is not None:
+            raise KVNestError("gate, keep and window act with a policy; pass policy too")
         return out
     check_evictable(view)
     check_keep(0.5 if keep is None else keep)
@@ -251,19 +270,23 @@ def settings(view: Transformer, projections, budget, ranks, policy, gate, keep, 
         raise KVNestError('gate acts with policy="gate"; drop it or pass policy="gate"')
     else:
         out["policy"] = baseline(policy) if isinstance(policy, str) else policy
+    if window is not None:
+        check_new_tokens(out["policy"])
+        out["window"] = window
     out["keep"] = 0.5 if keep is None else keep
     return out
 
 
 @contextmanager
 def compress_cache(model, projections=None, budget=None, ranks=None, policy=None, gate=None, keep=None,
-                   exact=None):
+                   exact=None, window=None):
     """Run `model` (transformers Llama/Mistral) over kvnest's compressed cache inside the block. projections,
     budget, ranks: MatryoshkaKV (train.py, search.py files); policy ("streaming", "h2o", "snapkv", "random",
-    "gate" with gate=<checkpoint>, or a Policy object) and keep: eviction of the prompt after the prefill."""
+    "gate" with gate=<checkpoint>, or a Policy object) and keep: eviction of the prompt after the prefill; window
+    (a gate trained on decoded tokens): each decoded token judged after `window` queries."""
     view = kvnest_view(model)
     name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    state = Attachment(view, **settings(view, projections, budget, ranks, policy, gate, keep, exact),
+    state = Attachment(view, **settings(view, projections, budget, ranks, policy, gate, keep, exact, window),
                        rotary=model.model.rotary_emb, name=name)
     layers = model.model.layers
 
@@ -279,9 +302,9 @@ def compress_cache(model, projections=None, budget=None, ranks=None, policy=None
         state.begin(kwargs[name], tokens, kwargs.get("attention_mask"))
         return args, kwargs
 
-    def attention_input(i):  # x, for the policy's scores in the prefill
+    def attention_input(i):  # x, for the policy's scores in the prefill and the judges after it
         def hook(_, args):
-            if state.policy is not None and state.cache.seen == 0:
+            if state.policy is not None and (state.cache.seen == 0 or state.window):
                 state.x[i] = args[0]
         return hook
 

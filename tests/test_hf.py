@@ -1,20 +1,22 @@
 """hf.py against kvnest's own model: a transformers model inside compress_cache gives the same next-token logits
 and greedy generations as kvnest's decoder with the same checkpoints and settings, for every cache kind, on tiny
-random Llama and Mistral models; its cache holds the bytes kvnest reports; left padding equals each prompt alone."""
+random Llama and Mistral models; its cache holds the bytes kvnest reports; left padding equals each prompt alone;
+decoded tokens judged by a gate (window) as kvnest's own judging judges them."""
 import pytest
 import torch
 
 from compress import save_projections, uniform_ranks
 from errors import KVNestError
 from evict import baseline
-from gate import Gate, calibrate_gate, load_gate, save_gate
+from gate import Gate, calibrate_gate, judging, load_gate, save_gate
 from hf import compress_cache, kvnest_view
 from kernels import Decoder
 from model import KVCache, generate
-from evict import prefill
+from evict import Protocol, prefill
 from weights import load_model
 from test_compress import tokens, trained_like
 from test_kernels import decode
+from test_new_tokens import CTX, WINDOW, new_gate
 
 STEPS = 5
 KINDS = {  # name: compress_cache arguments (file names stand for the checkpoints made below)
@@ -124,11 +126,59 @@ def test_cache_bytes_after_the_prefill_are_kvnest_bytes(kind, fraction, checkpoi
         assert held == fraction * KVCache(model, 2, 20).nbytes()
 
 
+@pytest.fixture(scope="module")
+def new_token_gate(tiny_llama, tmp_path_factory):
+    """A gate trained-like on decoded tokens (test_new_tokens.new_gate), saved as train.py --new-keep saves it."""
+    model = load_model(tiny_llama[0])
+    path = tmp_path_factory.mktemp("new") / "gate.safetensors"
+    save_gate(path, new_gate(model, tokens(CTX + 20)), {"model": model.fingerprint()})
+    return path
+
+
+def hf_judged(hf, x, gate, n, mask=None):
+    """n greedy tokens through transformers' generate with decoded tokens judged: (tokens, logits, judges)."""
+    with torch.no_grad(), compress_cache(hf, policy="gate", gate=gate, keep=0.5, window=WINDOW) as attached:
+        out = hf.generate(x, attention_mask=torch.ones_like(x) if mask is None else mask, max_new_tokens=n,
+                          min_new_tokens=n, do_sample=False, output_logits=True, return_dict_in_generate=True,
+                          pad_token_id=0)
+    return out.sequences[:, x.shape[1]:], torch.stack(out.logits, 1), attached
+
+
+def test_judged_decoded_tokens_through_hf_equal_kvnest_s_judging(new_token_gate, tiny_llama):
+    """The same tokens, logits, kept counts and cache lengths as the Decoder with the prompt's last WINDOW kept
+    and gate.judging on its cache (generate.py --gate-new)."""
+    model, hf, x, n = load_model(tiny_llama[0]), hf_model(tiny_llama[0]), tokens(CTX), 16
+    new, logits, attached = hf_judged(hf, x, new_token_gate, n)
+    gate = load_gate(new_token_gate, model)[0]
+    runner = Decoder(model, n, policy=gate, keep=0.5, exact=True, compile=False, protocol=Protocol(window=WINDOW))
+    with torch.no_grad():
+        ref = [runner(x, 0)[:, -1]]
+        with judging(model, runner.cache, gate, WINDOW) as judges:
+            ref += [runner(new[:, i: i + 1], CTX + i)[:, -1] for i in range(n - 1)]
+    assert (logits - torch.stack(ref, 1)).abs().max().item() <= 1e-4
+    assert [(j.kept, j.decided) for j in attached.judges] == [(j.kept, j.decided) for j in judges]
+    assert 0 < sum(j.kept for j in judges) < sum(j.decided for j in judges) == 2 * 2 * 2 * (n - WINDOW)
+    assert torch.equal(torch.stack(ref, 1).argmax(-1), new)  # greedy on kvnest's own logits too
+    for ours, theirs in zip(attached.cache.kv.layers, runner.cache.layers):  # the same entries left
+        assert all(torch.equal(a.length, b.length) for a, b in zip(ours.groups, theirs.groups))
+
+
+def test_judged_decoded_tokens_with_left_padding_equal_each_prompt_alone(new_token_gate, tiny_llama):
+    hf, long, short, n = hf_model(tiny_llama[0]), tokens(CTX, 1), tokens(CTX - 7, 1, seed=3), 12
+    x = torch.cat([long, torch.cat([torch.zeros(1, 7, dtype=torch.long), short], 1)])
+    mask = torch.cat([torch.ones(1, CTX), torch.cat([torch.zeros(1, 7), torch.ones(1, CTX - 7)], 1)]).long()
+    new, logits, _ = hf_judged(hf, x, new_token_gate, n, mask)
+    for b, prompt in enumerate((long, short)):
+        alone, alone_logits, _ = hf_judged(hf, prompt, new_token_gate, n)
+        assert torch.equal(new[b: b + 1], alone)
+        assert (logits[b: b + 1] - alone_logits).abs().max().item() <= 1e-4, b
+
+
 def test_the_view_has_the_fingerprint_of_kvnest_s_own_load(tiny_llama):
     assert kvnest_view(hf_model(tiny_llama[0])).fingerprint() == load_model(tiny_llama[0]).fingerprint()
 
 
-def test_bad_use_is_a_kvnest_error(checkpoints, tiny_llama, tiny_mistral, tmp_path):
+def test_bad_use_is_a_kvnest_error(checkpoints, new_token_gate, tiny_llama, tiny_mistral, tmp_path):
     from transformers import Qwen2Config, Qwen2ForCausalLM
     hf, files = hf_model(tiny_llama[0]), checkpoints["llama"]
     cases = [(dict(projections=checkpoints["mistral"]["post"], budget=0.5), "made for another model"),
@@ -137,7 +187,11 @@ def test_bad_use_is_a_kvnest_error(checkpoints, tiny_llama, tiny_mistral, tmp_pa
              (dict(policy="h2o", keep=0.0), "outside (0, 1]"),
              (dict(policy="gate"), "needs gate="),
              (dict(keep=0.5), "pass policy too"),
-             (dict(policy="nope"), "unknown eviction method")]
+             (dict(policy="nope"), "unknown eviction method"),
+             (dict(window=4), "pass policy too"),
+             (dict(policy="snapkv", window=4), "needs a learned gate"),
+             (dict(policy="gate", gate=files["gate"], window=4), "not trained on decoded tokens"),
+             (dict(policy="gate", gate=files["gate"], window=0), r"window=0: pass a whole number >= 1")]
     for kwargs, message in cases:
         with pytest.raises(KVNestError, match=message.replace("(", r"\(").replace(")", r"\)")):
             with compress_cache(hf, **kwargs):
@@ -153,6 +207,10 @@ def test_bad_use_is_a_kvnest_error(checkpoints, tiny_llama, tiny_mistral, tmp_pa
     with torch.no_grad(), compress_cache(hf, policy="snapkv", keep=0.5):  # right padding is refused by name
         with pytest.raises(KVNestError, match="not left padding"):
             hf(tokens(6), attention_mask=torch.tensor([[1, 1, 1, 1, 0, 0]] * 2))
+    with torch.no_grad(), compress_cache(hf, policy="gate", gate=new_token_gate, window=4) as attached:
+        hf(tokens(6))  # the prefill
+        with pytest.raises(KVNestError, match="decoded tokens are judged one per forward; 2 tokens"):
+            hf(tokens(2), **attached.cache_kwargs())
     with torch.no_grad(), compress_cache(hf):
         with pytest.raises(KVNestError, match="257 tokens exceed the model's context of 256"):
             hf(tokens(257, 1))
