@@ -130,7 +130,7 @@ class Attachment:
     cache: KVNestCache | None = None
     rotary: object = None  # the model's rotary embedding module
     name: str = "cache"  # the forward's argument for a cache ("past_key_values" before transformers 5.x renamed it)
-    x: dict = field(default_factory=dict)  # layer -> attention input (B, T, dim), for the policy
+    x: dict = field(default_factory=dict)  # layer -> attention input (B, T, dim), for the policy or the judges
     k_pre: dict = field(default_factory=dict)  # layer -> keys before RoPE (B, T, H_kv * D)
     scores: dict = field(default_factory=dict)  # layer -> scores (B, H_kv, T), or one (1, H_kv, T_b) per sequence
     judges: list = field(default_factory=list)  # per layer, the NewTokenGate of the cache in use (with window)
