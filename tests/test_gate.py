@@ -177,16 +177,21 @@ def test_joint_flags_keep_the_exact_total():
     assert [int(torch.stack(flags, 1)[b].sum()) for b in range(3)] == [round(0.3 * 400)] * 3
 
 
-def test_one_gate_trained_at_drawn_keep_ratios_improves_at_each_of_them(tiny_llama, tmp_path):
+@pytest.mark.parametrize("gumbel,gains", [(None, ((0.25, 0.85), (0.75, 0.4))),  # 0.676 -> 0.527, 0.209 -> 0.048
+                                          (0.5, ((0.25, 0.9), (0.75, 0.9)))], ids=["straight-through", "gumbel"])
+def test_one_gate_trained_at_drawn_keep_ratios_improves_at_each_of_them(gumbel, gains, tiny_llama, tmp_path):
     """train.py --keeps: a keep ratio drawn per step and given to the gate as an input; the gate gets better at
-    every keep it was trained for, scored as eval.py scores a gate (one threshold over all layers and heads)."""
+    every keep it was trained for, scored as eval.py scores a gate (one threshold over all layers and heads). With
+    --gumbel: the relaxed flags of the gate's own threshold, the expected kept fraction pulled toward the drawn
+    keep."""
     ids = tokens(100, 1)[0].repeat(20)
     held_out = ids[7:487].view(10, 48)
     model = load_model(tiny_llama[0])
     start = Gate(2, 2, 64)
     calibrate_gate(model, start, ids[:94].view(2, 47)[:, :32], 0.5)  # the median of the keeps: train_gate's start
-    gate = train_gate(model, [(ids, 1.0)], gate_cfg(keeps=[0.25, 0.75]), tmp_path / "k.safetensors", {})
-    for keep, gain in ((0.25, 0.85), (0.75, 0.4)):  # measured: 0.676 -> 0.527 and 0.209 -> 0.048
+    cfg = gate_cfg(keeps=[0.25, 0.75], gumbel=gumbel)
+    gate = train_gate(model, [(ids, 1.0)], cfg, tmp_path / "k.safetensors", {})
+    for keep, gain in gains:
         kl = [score_eviction(model, held_out, g, keep, 32, exact=True)["kl"] for g in (start, gate)]
         assert kl[1] < gain * kl[0], (keep, kl)
     assert gate.keeps == (0.25, 0.75) and gate.w_keep.abs().sum() > 0  # the keep input trains with the rest

@@ -70,10 +70,12 @@ def hf_model(folder):
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
 
 
-def hf_generate(model, x, mask=None):
-    out = model.generate(x, attention_mask=torch.ones_like(x) if mask is None else mask, max_new_tokens=STEPS + 1,
-                         do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0)
-    return out.sequences[:, x.shape[1]:], torch.stack(out.logits, 1)  # (B, STEPS + 1), (B, STEPS + 1, V)
+def hf_generate(model, x, mask=None, n=STEPS + 1):
+    """n greedy tokens through transformers' generate: (B, n) tokens, (B, n, V) logits."""
+    out = model.generate(x, attention_mask=torch.ones_like(x) if mask is None else mask, max_new_tokens=n,
+                         min_new_tokens=n, do_sample=False, output_logits=True, return_dict_in_generate=True,
+                         pad_token_id=0)
+    return out.sequences[:, x.shape[1]:], torch.stack(out.logits, 1)
 
 
 @pytest.mark.parametrize("arch,kind", [("llama", k) for k in KINDS] +
@@ -136,12 +138,9 @@ def new_token_gate(tiny_llama, tmp_path_factory):
 
 
 def hf_judged(hf, x, gate, n, mask=None):
-    """n greedy tokens through transformers' generate with decoded tokens judged: (tokens, logits, judges)."""
+    """hf_generate with decoded tokens judged: (tokens, logits, the Attachment with its judges)."""
     with torch.no_grad(), compress_cache(hf, policy="gate", gate=gate, keep=0.5, window=WINDOW) as attached:
-        out = hf.generate(x, attention_mask=torch.ones_like(x) if mask is None else mask, max_new_tokens=n,
-                          min_new_tokens=n, do_sample=False, output_logits=True, return_dict_in_generate=True,
-                          pad_token_id=0)
-    return out.sequences[:, x.shape[1]:], torch.stack(out.logits, 1), attached
+        return *hf_generate(hf, x, mask, n), attached
 
 
 def test_judged_decoded_tokens_through_hf_equal_kvnest_s_judging(new_token_gate, tiny_llama):
@@ -222,11 +221,10 @@ def test_a_long_generation_grows_the_cache_and_stays_equal(checkpoints, tiny_lla
     model, hf, x, n = load_model(tiny_llama[0]), hf_model(tiny_llama[0]), tokens(20), 90
     args = arguments("both-pre-gate", checkpoints["llama"])
     with torch.no_grad(), compress_cache(hf, **args) as attached:
-        out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
-                          do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+        new, logits = hf_generate(hf, x, n=n)
     kw = kvnest_settings(model, args)
-    ref = decode(Decoder(model, n, compile=False, **kw), x, out.sequences[:, 20:-1])
-    assert (torch.stack(out.logits, 1) - ref).abs().max().item() <= 1e-4
+    ref = decode(Decoder(model, n, compile=False, **kw), x, new[:, :-1])
+    assert (logits - ref).abs().max().item() <= 1e-4
     assert attached.cache.seen == 20 + n - 1 and attached.cache.free >= 0
 
 

@@ -95,16 +95,3 @@ def test_a_damaged_keeps_field_is_a_clear_error(tiny_llama, tmp_path, keeps):
     with pytest.raises(KVNestError, match="gate field keeps=.* is not valid; the checkpoint is damaged"):
         load_gate(tmp_path / "bad.safetensors", model)
 
-
-def test_drawn_keeps_train_with_gumbel_sigmoid_flags_too(tiny_llama, tmp_path):
-    """--keeps with --gumbel: the relaxed flags of the gate's own threshold, the expected kept fraction pulled
-    toward the drawn keep; scored at exact keeps, the gate improves at both."""
-    ids = tokens(100, 1)[0].repeat(20)
-    held_out = ids[7:487].view(10, 48)
-    model = load_model(tiny_llama[0])
-    start = Gate(2, 2, 64)
-    calibrate_gate(model, start, ids[:94].view(2, 47)[:, :32], 0.5)
-    gate = train_gate(model, [(ids, 1.0)], gate_cfg(keeps=[0.25, 0.75], gumbel=0.5), tmp_path / "g.safetensors", {})
-    for keep in (0.25, 0.75):
-        kl = [score_eviction(model, held_out, g, keep, 32, exact=True)["kl"] for g in (start, gate)]
-        assert kl[1] < 0.9 * kl[0], (keep, kl)
