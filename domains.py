@@ -10,13 +10,18 @@ and KL to the full cache) at each budget for the PCA start, the trained projecti
         --texts default runs/corpus/license.txt runs/corpus/stdlib.txt runs/corpus/matplotlib.txt
 
 Writes domains.md (a table), domains.json and domains.png (x full perplexity per text and budget) to --out-dir.
+How the projections move with their training text (several runs, each trained on another mix): score each run, then
+put them side by side, one column per run, labelled by the mix it was trained on:
+
+    python domains.py --compare runs/pydoc runs/mix runs/mix_p75 --out-dir runs/mixes
 """
 import json
 from pathlib import Path
 
 from tqdm import tqdm
 
-from compress import load_projections, load_ranks, uniform_ranks
+from assets import data_weight
+from compress import Projections, load_projections, load_ranks, uniform_ranks
 from errors import KVNestError, Parser, count, ratios, run_cli
 from eval import eval_windows, score
 from flags import add_model_flags, model_from_flags
@@ -24,10 +29,9 @@ from flags import add_model_flags, model_from_flags
 SETTINGS = ("PCA, uniform", "trained, uniform", "trained, searched")
 
 
-def domain_scores(model, tok, projections: str, ranks: str | None, texts: list, budgets: list,
+def domain_scores(model, tok, proj: Projections, ranks: str | None, texts: list, budgets: list,
                   windows: int = 6, seq_len: int = 512) -> dict:
     """{text: {"full": perplexity, budget: {setting: score}}} over the given texts and budgets."""
-    proj, _, _ = load_projections(projections, model)
     pca, out = proj.pca(), {}
     for text in tqdm(texts, desc="texts"):
         w = eval_windows(tok, text, windows, seq_len)
@@ -55,6 +59,79 @@ def domain_table(scores: dict) -> str:
     return "\n".join(lines)
 
 
+def trained_on(meta: dict) -> str:
+    """The training mix of a train.py checkpoint in words: each source's share of windows, and the steps."""
+    data = meta.get("config", {}).get("data") or ["default"]
+    pairs = [data_weight(spec) for spec in ([data] if isinstance(data, str) else data)]
+    total = sum(w for _, w in pairs)
+    mix = " + ".join(f"{Path(path).stem} {w / total:.0%}" for path, w in pairs)
+    return f"{mix}, {meta.get('step')} steps"
+
+
+def read_run(run_dir: str) -> tuple[str, dict]:
+    """(training mix, scores) of an earlier `domains.py --out-dir run_dir`."""
+    path = Path(run_dir) / "domains.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        label, scores = data["trained_on"], data["scores"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise KVNestError(f"{path} is not a domains.py result; make it with `python domains.py --projections "
+                          f"CKPT --out-dir {run_dir}`") from None
+    return label, {text: {k if k == "full" else float(k): v for k, v in row.items()} for text, row in scores.items()}
+
+
+def compare_table(runs: dict) -> str:
+    """Markdown: one row per text and budget, one column per run (trained, uniform); runs = {label: scores}."""
+    first = next(iter(runs.values()))
+    lines = [f"| text | full | budget | {' | '.join(runs)} |", "|---" * (len(runs) + 3) + "|"]
+    for text, row in first.items():
+        for budget in (b for b in row if b != "full"):
+            cells = []
+            for scores in runs.values():
+                full, cell = scores[text]["full"], scores[text][budget][SETTINGS[1]]
+                cells.append(f"{cell['perplexity']:.2f} ({cell['perplexity'] / full:.2f}x, {cell['kl']:.3f})")
+            lines.append(f"| {Path(text).name} | {row['full']:.2f} | {budget:.1%} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
+def compare_plot(runs: dict, path: Path) -> None:
+    """x full perplexity (trained, uniform) per run, one panel per budget and one line per text."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    first = next(iter(runs.values()))
+    budgets = [b for b in next(iter(first.values())) if b != "full"]
+    fig, axes = plt.subplots(1, len(budgets), figsize=(5 * len(budgets), 4), squeeze=False)
+    for ax, budget in zip(axes[0], budgets):
+        for text in first:
+            ys = [s[text][budget][SETTINGS[1]]["perplexity"] / s[text]["full"] for s in runs.values()]
+            ax.plot(range(len(runs)), ys, marker="o", label=Path(text).name)
+        ax.set_xticks(range(len(runs)), [label.replace(" + ", "\n+ ") for label in runs], fontsize=7)
+        ax.set(ylabel="perplexity / full model's", title=f"trained, uniform ranks, budget {budget:.1%}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def compare(run_dirs: list, out: Path) -> str:
+    """Earlier domains.py runs side by side: compare.md, compare.png in `out`; returns the table."""
+    runs = dict(read_run(d) for d in run_dirs)
+    if len(runs) < len(run_dirs):
+        raise KVNestError("--compare: two runs were trained on the same mix; pass each mix once")
+    texts = [set(scores) for scores in runs.values()]
+    keys = [{(t, b) for t, row in scores.items() for b in row} for scores in runs.values()]
+    if any(k != keys[0] for k in keys) or any(t != texts[0] for t in texts):
+        raise KVNestError("--compare: the runs scored different texts or budgets; score each with the same "
+                          "--texts and --budgets")
+    table = compare_table(runs)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare.md").write_text(table + "\n")
+    compare_plot(runs, out / "compare.png")
+    return table
+
+
 def plot(scores: dict, path: Path) -> None:
     """x full perplexity of the trained projections (searched if given) per text, one line per text."""
     from eval import plot_curves
@@ -71,27 +148,39 @@ def main(argv=None):
     p = Parser(description="Perplexity of MatryoshkaKV against the full model on several kinds of text: the eval "
                "half and held-out kinds (PCA start, trained uniform, trained searched).")
     add_model_flags(p)
-    p.add_argument("--projections", required=True, help="checkpoint of python train.py")
+    p.add_argument("--projections", help="checkpoint of python train.py")
     p.add_argument("--ranks", help="ranks JSON of python search.py for the searched column")
     p.add_argument("--texts", nargs="+", default=["default"], help="texts to score; 'default' is the eval half")
     p.add_argument("--budgets", type=ratios, default=[0.5, 0.25], help="comma-separated budgets (default 0.5,0.25)")
     p.add_argument("--windows", type=count, default=6)
     p.add_argument("--seq-len", type=lambda s: count(s, 2), default=512)
+    p.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="instead of scoring: earlier runs' --out-dir "
+                   "side by side (one column per training mix) in compare.md and compare.png")
     p.add_argument("--out-dir", default="runs", help="where domains.md, .json and .png go")
     args = p.parse_args(argv)
+    if args.compare:
+        scoring = [f"--{k.replace('_', '-')}" for k in vars(args)
+                   if k not in ("compare", "out_dir") and getattr(args, k) != p.get_default(k)]
+        if scoring:
+            raise KVNestError(f"--compare reads earlier results; {' '.join(scoring)} would score anew: drop it")
+        print(compare(args.compare, Path(args.out_dir)))
+        return
+    if not args.projections:
+        raise KVNestError("pass --projections CKPT (a python train.py checkpoint) to score, or --compare RUN_DIR...")
     if max(args.budgets) >= 1:
         raise KVNestError(f"--budgets {args.budgets}: pass budgets below 1 (at 1 every setting is the full model)")
     model, tok, _ = model_from_flags(args)
     if args.seq_len > model.args.max_seq_len:
         raise KVNestError(f"--seq-len {args.seq_len} exceeds the model's context of {model.args.max_seq_len}")
-    scores = domain_scores(model, tok, args.projections, args.ranks, args.texts, args.budgets, args.windows,
-                           args.seq_len)
+    proj, meta, _ = load_projections(args.projections, model)
+    scores = domain_scores(model, tok, proj, args.ranks, args.texts, args.budgets, args.windows, args.seq_len)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     table = domain_table(scores)
     (out / "domains.md").write_text(table + "\n")
-    (out / "domains.json").write_text(json.dumps({t: {str(b): c for b, c in r.items()} for t, r in scores.items()},
-                                                 indent=1) + "\n")
+    record = {"projections": args.projections, "trained_on": trained_on(meta),
+              "scores": {t: {str(b): c for b, c in r.items()} for t, r in scores.items()}}
+    (out / "domains.json").write_text(json.dumps(record, indent=1) + "\n")
     plot(scores, out / "domains.png")
     print(table)
 

@@ -98,6 +98,8 @@ COMBINATIONS = [  # (script, flags, what the error says)
     ("search", ["--projections", "p.safetensors", "--per-round", "8"], "would lower every rank each round"),
     ("domains", ["--projections", "p.safetensors", "--budgets", "0.5,1"], "pass budgets below 1"),
     ("domains", ["--projections", "p.safetensors", "--seq-len", "300"], "exceeds the model's context of 256"),
+    ("domains", [], "pass --projections CKPT (a python train.py checkpoint) to score, or --compare"),
+    ("domains", ["--compare", "runs/a", "--texts", "x.txt"], "--model --texts would score anew: drop it"),
     ("passkey", ["--methods", "gate"], "unknown gate; choose from"),
     ("passkey", ["--budget", "0.5"], "pass --projections too"),
     ("passkey", ["--length", "300"], "exceeds the model's context of 256"),

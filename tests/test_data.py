@@ -107,7 +107,9 @@ def test_train_on_a_mix_search_and_score_every_kind_of_text(tiny_llama, word_tex
                           "--budgets", "0.5", "--windows", "2", "--seq-len", "64", "--out-dir", str(tmp_path)])
     table = capsys.readouterr().out
     assert table.count("| 50.0% |") == 2 and "trained, searched" in table
-    scores = json.loads((tmp_path / "domains.json").read_text())
+    record = json.loads((tmp_path / "domains.json").read_text())
+    assert record["trained_on"] == "words 75% + other 25%, 3 steps" and record["projections"] == ckpt
+    scores = record["scores"]
     eval_main(model + ["--projections", ckpt, "--budget", "0.5", "--windows", "2", "--seq-len", "64", "--data",
                        str(other), "--json"])
     direct = json.loads(capsys.readouterr().out)
@@ -115,6 +117,30 @@ def test_train_on_a_mix_search_and_score_every_kind_of_text(tiny_llama, word_tex
     assert cell["perplexity"] == pytest.approx(direct["perplexity"], rel=1e-6)
     assert cell["kl"] == pytest.approx(direct["kl"], rel=1e-6)
     assert (tmp_path / "domains.png").stat().st_size > 1000
+
+    # a second run trained on one file only, then both side by side: one column per training mix
+    one, one_ckpt = tmp_path / "one", str(tmp_path / "one.safetensors")
+    train_main(model + ["--data", str(word_text), "--steps", "2", "--seq-len", "32", "--calib-windows", "2",
+                        "--out", one_ckpt, "--no-table"])
+    domains_main(model + ["--projections", one_ckpt, "--texts", str(word_text), str(other), "--budgets", "0.5",
+                          "--windows", "2", "--seq-len", "64", "--out-dir", str(one)])
+    capsys.readouterr()
+    domains_main(["--compare", str(tmp_path), str(one), "--out-dir", str(tmp_path / "both")])
+    table = capsys.readouterr().out.splitlines()
+    assert table[0] == "| text | full | budget | words 75% + other 25%, 3 steps | words 100%, 2 steps |"
+    second = json.loads((one / "domains.json").read_text())["scores"][str(other)]
+    row = next(r for r in table if r.startswith("| other.txt |"))
+    for scores in (scores[str(other)], second):
+        ppl = scores["0.5"]["trained, uniform"]["perplexity"]
+        assert f"{ppl:.2f} ({ppl / scores['full']:.2f}x" in row
+    assert (tmp_path / "both" / "compare.md").read_text().splitlines() == table
+    assert (tmp_path / "both" / "compare.png").stat().st_size > 1000
+    with pytest.raises(KVNestError, match="nope/domains.json is not a domains.py result"):
+        domains_main(["--compare", str(tmp_path), str(tmp_path / "nope")])
+    with pytest.raises(KVNestError, match="the runs scored different texts or budgets"):
+        (one / "domains.json").write_text(json.dumps({**json.loads((one / "domains.json").read_text()),
+                                                      "scores": {str(other): second}}))
+        domains_main(["--compare", str(tmp_path), str(one)])
 
 
 def test_a_python_without_its_licence_is_named_before_any_parsing(tmp_path, monkeypatch):
