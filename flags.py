@@ -1,6 +1,8 @@
 """The flags the scripts share: which model (--model, --dtype, --device) and which compressed cache (--projections,
 --budget, --ranks for the feature axis; --evict, --gate, --keep for the token axis). Each is read in one place, and
 a flag that would have no effect in a combination is an error, never silently ignored."""
+from typing import NamedTuple
+
 import torch
 
 from assets import Tokenizer, default_model_folder
@@ -60,10 +62,18 @@ def add_compression_flags(p, sweep: bool = False) -> None:
                        "75/50/25/12.5%%")
 
 
-def compression_from_flags(model, args) -> tuple:
-    """(features, policy, keep, exact, plan) that the flags of add_compression_flags ask for (plan: the Plan of
-    --plan, else None). A gate is held to the exact keep ratio over all layers and heads, as eval.py scores it; with
-    --evict-sweep the policy is the gate (if any)."""
+class Compression(NamedTuple):
+    """The compressed cache the flags ask for."""
+    features: object  # Matryoshka features of --projections (None: every feature)
+    policy: object  # the eviction policy: a Gate, a baseline, or None (no eviction)
+    keep: object  # kept fraction of the context: a float, or (L, H_kv) per head from --plan
+    exact: bool | None  # True: exactly the top n kept (evict.flags_from_scores); None: the policy's own rule
+    plan: object  # the Plan of --plan, else None
+
+
+def compression_from_flags(model, args) -> Compression:
+    """The Compression that the flags of add_compression_flags ask for. A gate is held to the exact keep ratio over
+    all layers and heads, as eval.py scores it; with --evict-sweep the policy is the gate (if any)."""
     sweep = getattr(args, "evict_sweep", False)
     if args.plan:
         return plan_from_flags(model, args, sweep)
@@ -76,13 +86,13 @@ def compression_from_flags(model, args) -> tuple:
     features = features_from_args(model, args)
     keep = 0.5 if args.keep is None else args.keep
     if args.evict not in ("gate", None):
-        return features, baseline(args.evict), keep, None, None
+        return Compression(features, baseline(args.evict), keep, None, None)
     if args.evict == "gate" and args.gate is None:
         raise KVNestError("--evict gate needs --gate, a checkpoint from `python train.py --method gate`")
     if args.gate is None:
-        return features, None, 1.0, None, None
+        return Compression(features, None, 1.0, None, None)
     from gate import load_gate
-    return features, load_gate(args.gate, model)[0], keep, True, None
+    return Compression(features, load_gate(args.gate, model)[0], keep, True, None)
 
 
 def features_from_args(model, args):
@@ -93,8 +103,8 @@ def features_from_args(model, args):
     return features_from_flags(model, args.projections, args.budget, args.ranks) if args.projections else None
 
 
-def plan_from_flags(model, args, sweep: bool) -> tuple:
-    """(features, policy, keep (L, H_kv), exact, plan) of --plan: its ranks cut --projections' bases, its policy (--gate
+def plan_from_flags(model, args, sweep: bool) -> Compression:
+    """The Compression of --plan: its ranks cut --projections' bases, its policy (--gate
     for a gate) keeps each head's own top n."""
     from compress import load_projections, uniform_ranks
     given = [f for f, v in (("ranks", args.ranks), ("keep", args.keep), ("evict", args.evict),
@@ -117,7 +127,7 @@ def plan_from_flags(model, args, sweep: bool) -> tuple:
         with torch.no_grad():
             full = proj.features(*uniform_ranks(model, 1.0))
     if not plan.evicts:
-        return plan.features(full), None, 1.0, None, plan
+        return Compression(plan.features(full), None, 1.0, None, plan)
     from gate import load_gate
     policy = load_gate(args.gate, model)[0] if args.gate else baseline(plan.policy)
-    return plan.features(full), policy, plan.keep, True, plan
+    return Compression(plan.features(full), policy, plan.keep, True, plan)
