@@ -106,7 +106,8 @@ def compare_plot(runs: dict, path: Path) -> None:
         for text in first:
             ys = [s[text][budget][SETTINGS[1]]["perplexity"] / s[text]["full"] for s in runs.values()]
             ax.plot(range(len(runs)), ys, marker="o", label=Path(text).name)
-        ax.set_xticks(range(len(runs)), [label.replace(" + ", "\n+ ") for label in runs], fontsize=7)
+        ax.set_xticks(range(len(runs)), [label.replace(" + ", "\n+ ").replace(", ", "\n") for label in runs],
+                      fontsize=7)
         ax.set(ylabel="perplexity / full model's", title=f"trained, uniform ranks, budget {budget:.1%}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -120,9 +121,8 @@ def compare(run_dirs: list, out: Path) -> str:
     runs = dict(read_run(d) for d in run_dirs)
     if len(runs) < len(run_dirs):
         raise KVNestError("--compare: two runs were trained on the same mix; pass each mix once")
-    texts = [set(scores) for scores in runs.values()]
     keys = [{(t, b) for t, row in scores.items() for b in row} for scores in runs.values()]
-    if any(k != keys[0] for k in keys) or any(t != texts[0] for t in texts):
+    if any(k != keys[0] for k in keys):
         raise KVNestError("--compare: the runs scored different texts or budgets; score each with the same "
                           "--texts and --budgets")
     table = compare_table(runs)
