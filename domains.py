@@ -118,9 +118,12 @@ def compare_plot(runs: dict, path: Path) -> None:
 
 def compare(run_dirs: list, out: Path) -> str:
     """Earlier domains.py runs side by side: compare.md, compare.png in `out`; returns the table."""
-    runs = dict(read_run(d) for d in run_dirs)
-    if len(runs) < len(run_dirs):
-        raise KVNestError("--compare: two runs were trained on the same mix; pass each mix once")
+    if len(set(run_dirs)) < len(run_dirs):
+        raise KVNestError("--compare: a run is named twice; pass each once")
+    labels, scores = zip(*(read_run(d) for d in run_dirs))
+    if len(set(labels)) < len(labels):  # runs trained on the same mix: told apart by their folders
+        labels = [f"{label} ({d})" for label, d in zip(labels, run_dirs)]
+    runs = dict(zip(labels, scores))
     keys = [{(t, b) for t, row in scores.items() for b in row} for scores in runs.values()]
     if any(k != keys[0] for k in keys):
         raise KVNestError("--compare: the runs scored different texts or budgets; score each with the same "

@@ -135,6 +135,13 @@ def test_train_on_a_mix_search_and_score_every_kind_of_text(tiny_llama, word_tex
         assert f"{ppl:.2f} ({ppl / scores['full']:.2f}x" in row
     assert (tmp_path / "both" / "compare.md").read_text().splitlines() == table
     assert (tmp_path / "both" / "compare.png").stat().st_size > 1000
+    again = tmp_path / "again"  # a second run on the same mix: told apart by its folder
+    again.mkdir()
+    (again / "domains.json").write_text((one / "domains.json").read_text())
+    domains_main(["--compare", str(one), str(again), "--out-dir", str(tmp_path / "both")])
+    assert f"| words 100%, 2 steps ({one}) | words 100%, 2 steps ({again}) |" in capsys.readouterr().out
+    with pytest.raises(KVNestError, match="a run is named twice"):
+        domains_main(["--compare", str(one), str(one)])
     with pytest.raises(KVNestError, match="nope/domains.json is not a domains.py result"):
         domains_main(["--compare", str(tmp_path), str(tmp_path / "nope")])
     with pytest.raises(KVNestError, match="the runs scored different texts or budgets"):
