@@ -45,6 +45,11 @@ def domain_scores(model, tok, proj: Projections, ranks: str | None, texts: list,
     return out
 
 
+def cell_text(cell: dict, full: float) -> str:
+    """One table cell: perplexity (x the full model's, KL)."""
+    return f"{cell['perplexity']:.2f} ({cell['perplexity'] / full:.2f}x, {cell['kl']:.3f})"
+
+
 def domain_table(scores: dict) -> str:
     """Markdown: one row per text and budget; cells perplexity (x full, KL)."""
     names = [s for s in SETTINGS if any(s in cell for row in scores.values() for b, cell in row.items()
@@ -53,8 +58,7 @@ def domain_table(scores: dict) -> str:
     for text, row in scores.items():
         full = row["full"]
         for budget, cell in ((b, c) for b, c in row.items() if b != "full"):
-            vals = [f"{cell[n]['perplexity']:.2f} ({cell[n]['perplexity'] / full:.2f}x, {cell[n]['kl']:.3f})"
-                    for n in names]
+            vals = [cell_text(cell[n], full) for n in names]
             lines.append(f"| {Path(text).name} | {full:.2f} | {budget:.1%} | {' | '.join(vals)} |")
     return "\n".join(lines)
 
@@ -86,10 +90,7 @@ def compare_table(runs: dict) -> str:
     lines = [f"| text | full | budget | {' | '.join(runs)} |", "|---" * (len(runs) + 3) + "|"]
     for text, row in first.items():
         for budget in (b for b in row if b != "full"):
-            cells = []
-            for scores in runs.values():
-                full, cell = scores[text]["full"], scores[text][budget][SETTINGS[1]]
-                cells.append(f"{cell['perplexity']:.2f} ({cell['perplexity'] / full:.2f}x, {cell['kl']:.3f})")
+            cells = [cell_text(s[text][budget][SETTINGS[1]], s[text]["full"]) for s in runs.values()]
             lines.append(f"| {Path(text).name} | {row['full']:.2f} | {budget:.1%} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
