@@ -7,21 +7,26 @@ downloaded here, so this module gathers English text that ships with installed p
 never imported:
 
 - training kinds: the docstrings of numpy, torch, sympy and networkx (what `pip install -r requirements.txt`
-  brings), mixed with the default text by `train.py --data default:1 runs/corpus/packages.txt:1`;
+  brings), mixed with the default text by `train.py --data default:1 runs/corpus/packages.txt:1`; and the licence
+  files of every distribution that requirements.txt installs (`package_licenses.txt`: MIT, BSD, Apache and the
+  like), leaving out any that shares more than `MAX_SHARED` of its `SHINGLE`-word runs with CPython's licence
+  (typing_extensions ships that very text; matplotlib's is modelled on it);
 - held-out kinds, that no run trains on: matplotlib's docstrings (a package's documentation held out), CPython's
-  standard library docstrings (another project's), and CPython's LICENSE.txt (legal text).
+  standard library docstrings (another project's), and CPython's LICENSE.txt (legal text; a kind the licence
+  files train, but a document none of them shares).
 
 Each kind is a seeded sample of whole docstrings (at least `MIN_CHARS` characters, duplicates dropped) up to a
 number of characters, so that the first windows of a file cover many documents. Versions differ between machines:
 `manifest.json` records each package's version and the characters taken.
 
-    python corpus.py                     # -> runs/corpus/{packages,matplotlib,stdlib,license}.txt, manifest.json
+    python corpus.py   # -> runs/corpus/{packages,package_licenses,matplotlib,stdlib,license}.txt, manifest.json
 """
 import ast
 import importlib.metadata
 import importlib.util
 import json
 import random
+import re
 import sysconfig
 from pathlib import Path
 
@@ -31,8 +36,12 @@ from errors import KVNestError, Parser, count, run_cli
 
 TRAIN_PACKAGES = ("numpy", "torch", "sympy", "networkx")
 HELD_OUT_PACKAGE = "matplotlib"
+TRAIN_KINDS = ("packages", "package_licenses")
 MIN_CHARS = 200  # shorter docstrings are mostly one-line summaries
 SKIP = {"tests", "test", "testing", "site-packages", "idlelib", "lib2to3"}  # test suites, other trees
+# LICENSE, LICENCE.md, COPYING, NOTICE.txt, LICENSE.APACHE, LICENSE_DEJAVU; not a module such as license.py
+LICENCE_FILE = re.compile(r"(?!.*\.pyi?c?$)(LICEN[CS]E|COPYING|NOTICE)([-_.][A-Za-z0-9]+)?$", re.IGNORECASE)
+SHINGLE, MAX_SHARED = 8, 0.01  # a licence sharing over 1% of its 8-word runs with CPython's is left out
 
 
 def docstrings(root: Path, desc: str) -> list[str]:
@@ -66,6 +75,46 @@ def sample(docs: list[str], chars: int, seed: int) -> str:
     return "\n\n".join(picked)
 
 
+def installed_with(requirements: Path) -> list[importlib.metadata.Distribution]:
+    """The installed distributions that `pip install -r requirements` brings: its names and, recursively, what
+    they require (extras left out), sorted by name."""
+    def name(spec: str) -> str:
+        return re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9._-]+", spec.strip()).group(0)).lower()
+    todo = [name(s) for s in requirements.read_text().splitlines() if s.strip() and not s.startswith("#")]
+    found = {}
+    while todo:
+        n = todo.pop()
+        if n in found:
+            continue
+        try:
+            found[n] = importlib.metadata.distribution(n)
+        except importlib.metadata.PackageNotFoundError:
+            continue  # a platform-only requirement this machine skipped
+        todo += [name(r) for r in found[n].requires or [] if "extra ==" not in r]
+    return [found[n] for n in sorted(found)]
+
+
+def shingles(text: str) -> set[tuple[str, ...]]:
+    """The runs of SHINGLE consecutive words of text (whitespace and line breaks ignored)."""
+    words = text.split()
+    return {tuple(words[i:i + SHINGLE]) for i in range(len(words) - SHINGLE + 1)}
+
+
+def licences(files: list[Path], held_out: str) -> list[str]:
+    """The texts of the licence files, duplicates (up to whitespace) dropped, and any that shares more than
+    MAX_SHARED of its word runs with the held-out licence left out."""
+    out, seen, ref = [], set(), shingles(held_out)
+    for f in files:
+        text = f.read_text(encoding="utf-8", errors="replace")
+        key = " ".join(text.split())
+        runs = shingles(text)
+        if key in seen or not runs or len(runs & ref) > MAX_SHARED * len(runs):
+            continue
+        seen.add(key)
+        out.append(text)
+    return out
+
+
 def package_root(name: str) -> Path:
     spec = importlib.util.find_spec(name)
     if spec is None or spec.origin is None:
@@ -82,6 +131,10 @@ def build(out: Path, chars: int, seed: int = 0) -> dict:
     kinds = {}
     parts = [sample(docstrings(package_root(p), p), chars, seed) for p in TRAIN_PACKAGES]
     kinds["packages"] = ("\n\n".join(parts), {p: importlib.metadata.version(p) for p in TRAIN_PACKAGES})
+    dists = installed_with(Path(__file__).with_name("requirements.txt"))
+    files = [Path(d.locate_file(f)) for d in dists for f in d.files or [] if LICENCE_FILE.match(f.name)]
+    kinds["package_licenses"] = (sample(licences(files, licence.read_text(encoding="utf-8")), chars, seed),
+                                 {d.metadata["Name"]: d.version for d in dists})
     kinds[HELD_OUT_PACKAGE] = (sample(docstrings(package_root(HELD_OUT_PACKAGE), HELD_OUT_PACKAGE), chars, seed),
                                {HELD_OUT_PACKAGE: importlib.metadata.version(HELD_OUT_PACKAGE)})
     kinds["stdlib"] = (sample(docstrings(stdlib, "stdlib"), chars, seed), {"python": stdlib.name})
@@ -90,13 +143,13 @@ def build(out: Path, chars: int, seed: int = 0) -> dict:
     manifest = {}
     for name, (text, versions) in kinds.items():
         (out / f"{name}.txt").write_text(text, encoding="utf-8")
-        manifest[name] = dict(chars=len(text), versions=versions, held_out=name != "packages")
+        manifest[name] = dict(chars=len(text), versions=versions, held_out=name not in TRAIN_KINDS)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     return manifest
 
 
 def main(argv=None):
-    p = Parser(description="Gather training text of other kinds (package docstrings) and held-out text "
+    p = Parser(description="Gather training text of other kinds (package docstrings and licences) and held-out text "
                "(matplotlib's and the standard library's docstrings, CPython's licence) from installed files.")
     p.add_argument("--out", default="runs/corpus", help="folder for the .txt files and manifest.json")
     p.add_argument("--chars", type=count, default=400_000, help="characters per package and per held-out kind")

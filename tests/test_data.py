@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from assets import data_weight, load_mix, load_text, mixed_windows
-from corpus import MIN_CHARS, docstrings, sample
+from corpus import LICENCE_FILE, MIN_CHARS, docstrings, installed_with, licences, sample
 from distill import sample_batch
 from errors import KVNestError
 from train import check_resume, same_file
@@ -84,6 +84,31 @@ def test_samples_are_seeded_whole_documents_up_to_the_budget():
     parts = text.split("\n\n")
     assert set(parts) <= set(docs) and len(parts) == 10  # 10 documents of 106 characters reach 1000
     assert text == sample(docs, 1000, seed=0) and text != sample(docs, 1000, seed=1)
+
+
+def test_licences_drop_copies_and_any_that_shares_the_held_out_licence(tmp_path):
+    held_out = " ".join(f"psf{i}" for i in range(400))  # 393 eight-word runs
+    mit = "Permission is hereby granted, free of charge, to any person obtaining a copy " * 3
+    files = {"LICENSE": mit, "COPYING": mit.replace(" ", "\n  "),  # the same text, other line breaks
+             "LICENSE.APACHE": "Apache " + " ".join(f"w{i}" for i in range(200)),
+             "NOTICE": " ".join(f"psf{i}" for i in range(10)) + " and ours " * 100,  # 3 of 203 runs shared
+             "LICENSE.txt": " ".join(f"psf{i}" for i in range(20, 60))}  # it is the held-out text
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    got = licences([tmp_path / n for n in files], held_out)
+    assert got == [files["LICENSE"], files["LICENSE.APACHE"]]
+    assert [n for n in ("LICENSE", "LICENCE.md", "COPYING", "NOTICE.txt", "LICENSE_DEJAVU", "license.py",
+                        "licenses", "LICENSES.json", "MY_LICENSE") if LICENCE_FILE.match(n)] == \
+        ["LICENSE", "LICENCE.md", "COPYING", "NOTICE.txt", "LICENSE_DEJAVU"]  # not modules, folders or lists
+
+
+def test_the_licences_come_from_what_requirements_install(tmp_path):
+    """The requirement names and, recursively, what they require; extras and missing names skipped."""
+    req = tmp_path / "requirements.txt"
+    req.write_text("# a comment\ntorch>=2.5\nnot-a-package-here==1.0\n")
+    names = [d.metadata["Name"].lower() for d in installed_with(req)]
+    assert {"torch", "sympy", "networkx", "mpmath"} <= set(names) and names == sorted(names)
+    assert "not-a-package-here" not in names and "pyyaml" not in names  # torch[pyyaml]: an extra
 
 
 def test_train_on_a_mix_search_and_score_every_kind_of_text(tiny_llama, word_text, tmp_path, capsys):
