@@ -15,9 +15,9 @@ never imported:
   standard library docstrings (another project's), and CPython's LICENSE.txt (legal text; a kind the licence
   files train, but a document none of them shares).
 
-Each kind is a seeded sample of whole docstrings (at least `MIN_CHARS` characters, duplicates dropped) up to a
-number of characters, so that the first windows of a file cover many documents. Versions differ between machines:
-`manifest.json` records each package's version and the characters taken.
+Each kind is a seeded sample of whole documents (docstrings of at least `MIN_CHARS` characters, licence files;
+duplicates dropped) up to a number of characters, so that the first windows of a file cover many documents.
+Versions differ between machines: `manifest.json` records each package's version and the characters taken.
 
     python corpus.py   # -> runs/corpus/{packages,package_licenses,matplotlib,stdlib,license}.txt, manifest.json
 """
@@ -152,7 +152,7 @@ def main(argv=None):
     p = Parser(description="Gather training text of other kinds (package docstrings and licences) and held-out text "
                "(matplotlib's and the standard library's docstrings, CPython's licence) from installed files.")
     p.add_argument("--out", default="runs/corpus", help="folder for the .txt files and manifest.json")
-    p.add_argument("--chars", type=count, default=400_000, help="characters per package and per held-out kind")
+    p.add_argument("--chars", type=count, default=400_000, help="characters per package, of licences and per held-out kind")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     for name, m in build(Path(args.out), args.chars, args.seed).items():
