@@ -80,7 +80,8 @@ def installed_with(requirements: Path) -> list[importlib.metadata.Distribution]:
     they require (extras left out), sorted by name."""
     def name(spec: str) -> str:
         return re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9._-]+", spec.strip()).group(0)).lower()
-    todo = [name(s) for s in requirements.read_text().splitlines() if s.strip() and not s.startswith("#")]
+    lines = [s.strip() for s in requirements.read_text().splitlines()]
+    todo = [name(s) for s in lines if s and not s.startswith(("#", "-"))]  # not comments or pip options
     found = {}
     while todo:
         n = todo.pop()

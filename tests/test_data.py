@@ -105,7 +105,7 @@ def test_licences_drop_copies_and_any_that_shares_the_held_out_licence(tmp_path)
 def test_the_licences_come_from_what_requirements_install(tmp_path):
     """The requirement names and, recursively, what they require; extras and missing names skipped."""
     req = tmp_path / "requirements.txt"
-    req.write_text("# a comment\ntorch>=2.5\nnot-a-package-here==1.0\n")
+    req.write_text("# a comment\n--extra-index-url https://example.org\ntorch>=2.5\nnot-a-package-here==1.0\n")
     names = [d.metadata["Name"].lower() for d in installed_with(req)]
     assert {"torch", "sympy", "networkx", "mpmath"} <= set(names) and names == sorted(names)
     assert "not-a-package-here" not in names and "pyyaml" not in names  # torch[pyyaml]: an extra
