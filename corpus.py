@@ -129,17 +129,18 @@ def build(out: Path, chars: int, seed: int = 0) -> dict:
     licence = stdlib / "LICENSE.txt"
     if not licence.is_file():  # checked before minutes of parsing, not after
         raise KVNestError(f"{licence} is missing from this Python; the licence kind needs CPython's LICENSE.txt")
+    held_out_licence = licence.read_text(encoding="utf-8")  # held out; training licences must not share it
     kinds = {}
     parts = [sample(docstrings(package_root(p), p), chars, seed) for p in TRAIN_PACKAGES]
     kinds["packages"] = ("\n\n".join(parts), {p: importlib.metadata.version(p) for p in TRAIN_PACKAGES})
     dists = installed_with(Path(__file__).with_name("requirements.txt"))
     files = [Path(d.locate_file(f)) for d in dists for f in d.files or [] if LICENCE_FILE.match(f.name)]
-    kinds["package_licenses"] = (sample(licences(files, licence.read_text(encoding="utf-8")), chars, seed),
+    kinds["package_licenses"] = (sample(licences(files, held_out_licence), chars, seed),
                                  {d.metadata["Name"]: d.version for d in dists})
     kinds[HELD_OUT_PACKAGE] = (sample(docstrings(package_root(HELD_OUT_PACKAGE), HELD_OUT_PACKAGE), chars, seed),
                                {HELD_OUT_PACKAGE: importlib.metadata.version(HELD_OUT_PACKAGE)})
     kinds["stdlib"] = (sample(docstrings(stdlib, "stdlib"), chars, seed), {"python": stdlib.name})
-    kinds["license"] = (licence.read_text(encoding="utf-8"), {"python": stdlib.name})
+    kinds["license"] = (held_out_licence, {"python": stdlib.name})
     out.mkdir(parents=True, exist_ok=True)
     manifest = {}
     for name, (text, versions) in kinds.items():
@@ -150,10 +151,11 @@ def build(out: Path, chars: int, seed: int = 0) -> dict:
 
 
 def main(argv=None):
-    p = Parser(description="Gather training text of other kinds (package docstrings and licences) and held-out text "
-               "(matplotlib's and the standard library's docstrings, CPython's licence) from installed files.")
+    p = Parser(description="Gather training text of other kinds (package docstrings and licences) and held-out "
+               "text (matplotlib's and the standard library's docstrings, CPython's licence) from installed files.")
     p.add_argument("--out", default="runs/corpus", help="folder for the .txt files and manifest.json")
-    p.add_argument("--chars", type=count, default=400_000, help="characters per package, of licences and per held-out kind")
+    p.add_argument("--chars", type=count, default=400_000,
+                   help="characters per package, of licences and per held-out kind")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     for name, m in build(Path(args.out), args.chars, args.seed).items():
