@@ -32,8 +32,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from assets import load_text, token_windows
-from errors import KVNestError, Parser, count, run_cli, size
-from flags import add_compression_flags, add_model_flags, compression_from_flags, model_from_flags
+from errors import KVNestError, Parser, count, run_cli
+from flags import (add_compression_flags, add_model_flags, add_protocol_flags, compression_from_flags,
+                   model_from_flags, protocol_from_flags)
 from losses import kl_and_top1
 from model import KVCache, Transformer
 
@@ -230,10 +231,8 @@ def eviction_table(model: Transformer, windows: torch.Tensor, gates: dict, keeps
     return "\n".join(lines) + note, results
 
 
-def eviction_main(args, model, tok, features, policy, keep, plan) -> None:
+def eviction_main(args, model, tok, features, policy, keep, plan, protocol) -> None:
     """--evict METHOD / --evict-sweep: continuation perplexity and KL after evicting the context's cache."""
-    from evict import Protocol
-    protocol = Protocol(args.protocol == "inside", args.sinks, args.window)
     if (args.gate_threshold or args.gate_new) and args.evict != "gate" and not args.plan:
         raise KVNestError(f"--{'gate-threshold' if args.gate_threshold else 'gate-new'} acts with the gate; pass "
                           f"--evict gate")
@@ -289,25 +288,19 @@ def main(argv=None):
     p.add_argument("--gate-threshold", action="store_true", help="evict by the gate's own threshold (z >= 0) "
                    "instead of at exactly --keep; the achieved keep is reported")
     p.add_argument("--ctx-len", type=count, default=384, help="context tokens of each window with --evict")
-    p.add_argument("--protocol", choices=["after", "inside"], default="after",
-                   help="evict after a full-attention prefill (kvpress) or inside it (Attention-Gate)")
-    p.add_argument("--sinks", type=size, default=0, help="first context entries always kept")
-    p.add_argument("--window", type=size, default=0, help="last context entries always kept (inside the prefill: "
-                   "each query's recent window; with --gate-new: how many queries see a new token before it is judged)")
-    p.add_argument("--gate-new", action="store_true", help="gate decoded tokens too (needs --evict gate, --window)")
+    add_protocol_flags(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--transformers", action="store_true", help="score through transformers' own model with "
                    "hf.py's compress_cache attached (needs transformers): the same figures, from its forward")
     args = p.parse_args(argv)
-    eviction_flags = [f for f in ("gate_threshold", "gate_new", "protocol", "sinks", "window", "ctx_len")
-                      if getattr(args, f) != p.get_default(f)]
+    protocol = protocol_from_flags(p, args)
+    eviction_flags = [f for f in ("gate_threshold", "ctx_len") if getattr(args, f) != p.get_default(f)]
     if eviction_flags and not (args.evict or args.evict_sweep or args.plan):
         raise KVNestError(f"--{eviction_flags[0].replace('_', '-')} acts with --evict, --evict-sweep or --plan; "
                           f"pass one")
-    unsupported = [f for f in ("sweep", "evict_sweep", "gate_threshold", "gate_new", "protocol", "sinks", "window")
-                   if getattr(args, f) != p.get_default(f)]
+    unsupported = [f for f in ("sweep", "evict_sweep", "gate_threshold", "gate_new") if getattr(args, f)]
     if args.transformers and (unsupported or args.plan):
-        raise KVNestError(f"--transformers scores one setting evicted after the prefill; drop "
+        raise KVNestError(f"--transformers scores one setting, its decoded tokens all kept; drop "
                           f"--{(unsupported or ['plan'])[0].replace('_', '-')}")
     if args.plan and (args.sweep or args.gate_threshold):
         raise KVNestError(f"--plan sets each head's ranks and exact keep; drop --"
@@ -327,10 +320,12 @@ def main(argv=None):
         windows = eval_windows(tok, args.data, args.windows or (8 if args.evict else 6), args.seq_len)
         compression = dict(projections=args.projections, budget=args.budget, ranks=args.ranks, policy=args.evict,
                            gate=args.gate, keep=keep if args.evict else None, exact=True if args.evict else None)
+        if args.evict:
+            compression.update(inside=protocol.inside, sinks=protocol.sinks, window=protocol.window or None)
         result = score_transformers(folder, model, windows, args.ctx_len if args.evict else None, **compression)
         return report(dict(through="transformers + hf.py", **result), args.json)
     if args.evict or args.evict_sweep or args.plan:
-        return eviction_main(args, model, tok, features, policy, keep, plan)
+        return eviction_main(args, model, tok, features, policy, keep, plan, protocol)
     windows = eval_windows(tok, args.data, args.windows or 6, args.seq_len)
     result = {"model": folder, "windows": len(windows), "seq_len": args.seq_len}
     if features is not None:

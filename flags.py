@@ -1,13 +1,14 @@
 """The flags the scripts share: which model (--model, --dtype, --device) and which compressed cache (--projections,
---budget, --ranks for the feature axis; --evict, --gate, --keep for the token axis). Each is read in one place, and
+--budget, --ranks for the feature axis; --evict, --gate, --keep for the token axis; --protocol, --sinks, --window,
+--gate-new for where eviction happens). Each is read in one place, and
 a flag that would have no effect in a combination is an error, never silently ignored."""
 from typing import NamedTuple
 
 import torch
 
 from assets import Tokenizer, default_model_folder
-from errors import KVNestError, ratio
-from evict import baseline
+from errors import KVNestError, ratio, size
+from evict import Protocol, baseline
 from plan import POLICIES, load_plan
 from weights import load_model
 
@@ -60,6 +61,27 @@ def add_compression_flags(p, sweep: bool = False) -> None:
     if sweep:
         p.add_argument("--evict-sweep", action="store_true", help="every eviction method (and --gate) at keep "
                        "75/50/25/12.5%%")
+
+
+def add_protocol_flags(p) -> None:
+    """--protocol, --sinks, --window, --gate-new: where --evict (or --plan) evicts, as evict.Protocol says."""
+    p.add_argument("--protocol", choices=["after", "inside"], default="after",
+                   help="evict after a full-attention prefill (kvpress) or inside it (Attention-Gate)")
+    p.add_argument("--sinks", type=size, default=0, help="first context entries always kept")
+    p.add_argument("--window", type=size, default=0, help="last context entries always kept (inside the prefill: "
+                   "each query's recent window; with --gate-new: how many queries see a new token before it is judged)")
+    p.add_argument("--gate-new", action="store_true", help="gate decoded tokens too (needs --evict gate, --window)")
+
+
+PROTOCOL_FLAGS = ("protocol", "sinks", "window", "gate_new")
+
+
+def protocol_from_flags(p, args) -> Protocol:
+    """The Protocol of add_protocol_flags' flags; they act with --evict, --evict-sweep or --plan only."""
+    given = [f for f in PROTOCOL_FLAGS if getattr(args, f) != p.get_default(f)]
+    if given and not (args.evict or getattr(args, "evict_sweep", False) or args.plan):
+        raise KVNestError(f"--{given[0].replace('_', '-')} acts with --evict, --evict-sweep or --plan; pass one")
+    return Protocol(args.protocol == "inside", args.sinks, args.window)
 
 
 class Compression(NamedTuple):

@@ -3,7 +3,8 @@
     python generate.py --chat --prompt "What is the capital of France?" --max-new-tokens 20
     python generate.py --prompt "..." --projections runs/matryoshka.safetensors --budget 0.5   # MatryoshkaKV
     python generate.py --prompt "..." --evict gate --gate runs/gate.safetensors --keep 0.5   # evict the prompt
-    python generate.py --prompt "..." --evict gate --gate runs/gate_new.safetensors --gate-new 32   # and new tokens
+    python generate.py --prompt "..." --evict gate --gate runs/gate_new.safetensors --window 32 --gate-new   # + new
+    python generate.py --prompt "..." --evict gate --gate G --protocol inside --window 32   # evict inside the prefill
     python generate.py --prompt "..." --compile      # kernels.py's compiled step (default on CUDA)
     python generate.py --prompt "..." --plan runs/plan.json --projections runs/matryoshka.safetensors   # joint.py
 
@@ -19,8 +20,8 @@ import torch
 
 from assets import chatml
 from errors import KVNestError, Parser, count, number, run_cli
-from flags import add_compression_flags, add_model_flags, compression_from_flags, model_from_flags
-from evict import Protocol
+from flags import (add_compression_flags, add_model_flags, add_protocol_flags, compression_from_flags,
+                   model_from_flags, protocol_from_flags)
 from gate import judging
 from kernels import Decoder
 from model import generate
@@ -51,14 +52,14 @@ def main(argv=None) -> None:
     p.add_argument("--compile", action="store_true", default=None, help="decode with kernels.py's compiled step "
                    "(default: on CUDA)")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="decode eagerly")
-    p.add_argument("--gate-new", type=count, metavar="W", help="the gate also judges each new token after W "
-                   "queries and drops it if flagged out (a gate trained with train.py --new-keep; decodes eagerly)")
+    add_protocol_flags(p)
     args = p.parse_args(argv)
     if args.temperature < 0:
         raise KVNestError(f"--temperature {args.temperature} is below 0; pass 0 (greedy) or more")
     torch.manual_seed(0)
     model, tok, _ = model_from_flags(args)
     features, policy, keep, exact, _ = compression_from_flags(model, args)
+    protocol = protocol_from_flags(p, args)  # a prompt's last W entries stay, as a new token's last W queries
     ids = tok.encode(chatml(args.prompt) if args.chat else args.prompt)
     if not ids:
         raise KVNestError("the prompt is empty once tokenized; pass some text")
@@ -71,8 +72,9 @@ def main(argv=None) -> None:
     if args.gate_new:
         from gate import check_new_tokens
         check_new_tokens(policy)
+        if not args.window:
+            raise KVNestError("--gate-new judges each new token after --window queries; pass --window, e.g. 32")
     compiled = not args.gate_new and (args.device.startswith("cuda") if args.compile is None else args.compile)
-    protocol = Protocol(window=args.gate_new or 0)  # a prompt's last W entries stay, as a new token's last W queries
     runner = Decoder(model, max_len - len(ids), features, policy, keep, exact, compiled, protocol)
     if compiled:
         print("kvnest: compiling the decoder block for the decode step (once per layer structure; cached on disk)",
@@ -81,7 +83,7 @@ def main(argv=None) -> None:
     out, t0 = [], time.perf_counter()
     prompt = torch.tensor([ids], device=args.device)
     first = runner(prompt, 0)  # the prefill, and the eviction of the prompt
-    judges = judging(model, runner.cache, policy, args.gate_new) if args.gate_new else nullcontext([])
+    judges = judging(model, runner.cache, policy, args.window) if args.gate_new else nullcontext([])
     with judges as judges:
         tokens = generate(lambda t, pos: first if pos == 0 else runner(t, pos), prompt, args.max_new_tokens,
                           args.temperature, stop)

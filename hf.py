@@ -15,10 +15,12 @@ the sampling; nothing of its code is copied here. Inside the block:
   - `KVNestCache`, a transformers Cache, holds those LayerCaches. A forward pre-hook on the model puts a fresh one
     where generate put its own (empty) cache, and generate carries it from step to step.
   - After the prefill, a forward hook evicts the prompt with any policy of evict.py or the gate: each sequence and
-    KV head keeps its flagged entries, and LayerCache.compact drops the rest from memory.
-  - With `window` and a gate trained on decoded tokens (train.py --new-keep), every decoded token is judged once
-    `window` queries have seen it (gate.NewTokenGate, as generate.py --gate-new does); the prompt's last `window`
-    entries are kept, as that rule reaches them too.
+    KV head keeps its flagged entries, and LayerCache.compact drops the rest from memory. With `inside`, each layer
+    flags the prompt before attending, so later prompt queries already miss what it evicted (evict.Protocol;
+    eval.py and generate.py --protocol inside), and the same entries leave the cache after the prefill.
+  - `sinks` and `window` force the prompt's first and last entries kept; inside the prefill each query also sees
+    its own last `window`. With `gate_new` and a gate trained on decoded tokens (train.py --new-keep), every
+    decoded token is judged once `window` queries have seen it (gate.NewTokenGate, as generate.py --gate-new does).
   - Left padding: pad entries are invisible to every query of the prefill and compacted away after it; each
     sequence is scored and evicted as if it were alone.
 
@@ -126,14 +128,18 @@ class Attachment:
     policy: object = None
     keep: float = 1.0
     exact: bool | None = None
-    window: int = 0  # decoded tokens judged after this many queries (0: none judged)
+    inside: bool = False  # evict inside the prefill (else after it)
+    sinks: int = 0  # the prompt's first entries forced kept
+    window: int = 0  # the prompt's last entries forced kept; inside: each query's recent window
+    gate_new: bool = False  # decoded tokens judged after `window` queries
     cache: KVNestCache | None = None
     rotary: object = None  # the model's rotary embedding module
     name: str = "cache"  # the forward's argument for a cache ("past_key_values" before transformers 5.x renamed it)
     x: dict = field(default_factory=dict)  # layer -> attention input (B, T, dim), for the policy or the judges
     k_pre: dict = field(default_factory=dict)  # layer -> keys before RoPE (B, T, H_kv * D)
     scores: dict = field(default_factory=dict)  # layer -> scores (B, H_kv, T), or one (1, H_kv, T_b) per sequence
-    judges: list = field(default_factory=list)  # per layer, the NewTokenGate of the cache in use (with window)
+    kept: dict = field(default_factory=dict)  # layer -> keep flags (B, H_kv, T) chosen inside the prefill
+    judges: list = field(default_factory=list)  # per layer, the NewTokenGate of the cache in use (gate_new)
 
     def cache_kwargs(self) -> dict:
         """What continues the cache in use: model(tokens, **attached.cache_kwargs())."""
@@ -142,16 +148,16 @@ class Attachment:
     def begin(self, cache: KVNestCache, tokens: torch.Tensor, mask: torch.Tensor | None) -> None:
         """Before a forward of tokens (B, T): a new cache for a prefill, room for T more after it."""
         self.cache, (B, T) = cache, tokens.shape
-        self.T, self.x, self.k_pre, self.scores = T, {}, {}, {}
+        self.T, self.x, self.k_pre, self.scores, self.kept = T, {}, {}, {}, {}
         if cache.seen + T > self.view.args.max_seq_len:
             raise KVNestError(f"{cache.seen + T} tokens exceed the model's context of {self.view.args.max_seq_len}; "
                               f"pass a shorter prompt or fewer new tokens")
         if cache.seen:
             if B != cache.kv.layers[0].groups[0].k.shape[0]:
                 raise KVNestError(f"a batch of {B} continues a cache of another batch size; start a new generation")
-            if self.window and T != 1:
+            if self.gate_new and T != 1:
                 raise KVNestError(f"decoded tokens are judged one per forward; {T} tokens continue the cache "
-                                  f"(drop window to feed several)")
+                                  f"(drop gate_new to feed several)")
             cache.make_room(T)
             return
         pads = torch.zeros(B, dtype=torch.long, device=tokens.device)
@@ -159,13 +165,14 @@ class Attachment:
             if bool((mask[:, 1:] < mask[:, :-1]).any()):
                 raise KVNestError("the attention mask is not left padding; pad prompts on the left "
                                   "(tokenizer.padding_side = 'left')")
-            if self.view.args.sliding_window:
-                raise KVNestError("left padding with a sliding-window (Mistral) model is not supported; "
-                                  "generate one prompt at a time")
+            if self.view.args.sliding_window or (self.inside and self.window):
+                what = "a sliding-window (Mistral) model" if self.view.args.sliding_window else \
+                    "a recent window inside the prefill"
+                raise KVNestError(f"left padding with {what} is not supported; generate one prompt at a time")
             pads = (mask == 0).sum(1)
         cache.kv, cache.pads, cache.padded = KVCache(self.view, B, T, self.features), pads, bool(pads.any())
         self.judges = [NewTokenGate(self.policy, i, self.window) for i in range(len(cache.kv.layers))] \
-            if self.window else []
+            if self.gate_new else []
         if cache.kv.rope is not None:  # keys before RoPE are rotated where read: with transformers' own angles
             cache.kv.rope = self.rope(len(cache.kv.rope[0]))
         if cache.padded:
@@ -191,20 +198,23 @@ class Attachment:
         k = key if i not in self.k_pre else self.k_pre.pop(i).view(B, T, a.n_kv_heads, D).transpose(1, 2)
         pos = (cache.seen - cache.pads)[:, None, None] if cache.padded else cache.seen  # (B, 1, 1) if padded
         q = query.view(B, a.n_kv_heads, H // a.n_kv_heads, T, D)  # (B, H_kv, G, T, D)
-        y = cache.kv.layers[i](q, k, key, value, pos, a.sliding_window, cache.kv.rope)  # (B, H_kv, G, T, D)
         if self.policy is not None and cache.seen == 0:
             self.scores[i] = self.score(i, self.x.pop(i), query, key)
-        elif self.judges:
+            if self.inside:  # flag the prompt before attending: its later queries miss what is evicted
+                self.kept[i] = self.select([i])[0]
+                cache.kv.layers[i].soften(self.kept[i], self.window)
+        y = cache.kv.layers[i](q, k, key, value, pos, a.sliding_window, cache.kv.rope)  # (B, H_kv, G, T, D)
+        if self.judges and cache.seen:
             self.judges[i].judge(self.x.pop(i), cache.kv.layers[i])
         return y.reshape(B, H, T, D).transpose(1, 2)
 
     def score(self, i: int, x, q, k):
-        """The policy's scores of layer i: of the whole batch, or of each sequence without its padding (the last
-        `window` entries forced kept)."""
+        """The policy's scores of layer i: of the whole batch, or of each sequence without its padding (the first
+        `sinks` and the last `window` entries forced kept)."""
         if not self.cache.padded:
-            return protect(self.policy.score(i, x, q, k, self.keep), 0, self.window)
+            return protect(self.policy.score(i, x, q, k, self.keep), self.sinks, self.window)
         return [protect(self.policy.score(i, x[b: b + 1, p:], q[b: b + 1, :, p:], k[b: b + 1, :, p:], self.keep),
-                        0, self.window) for b, p in enumerate(self.cache.pads.tolist())]
+                        self.sinks, self.window) for b, p in enumerate(self.cache.pads.tolist())]
 
     def end(self) -> None:
         """After a forward: evict after the prefill (and drop the pads)."""
@@ -213,21 +223,27 @@ class Attachment:
             for layer, f in zip(cache.kv.layers, self.flags(T)):
                 layer.compact(f, 0)
                 for g in layer.groups:
-                    g.observe = bool(self.window)  # each decode step's attention, for the judges
+                    g.observe = self.gate_new  # each decode step's attention, for the judges
         cache.seen, cache.free = cache.seen + T, max(cache.free - T, 0)
 
     def flags(self, T: int) -> list:
-        """Keep flags (B, H_kv, T) per layer: the policy's (each sequence's own, pads never), or every real entry."""
+        """Keep flags (B, H_kv, T) per layer after the prefill: the policy's (chosen inside it, or now over every
+        layer), or every real entry."""
         L, H_kv, pads = self.view.args.n_layers, self.view.args.n_kv_heads, self.cache.pads
         if self.policy is None:
             return [(torch.arange(T, device=pads.device) >= pads[:, None])[:, None].expand(-1, H_kv, -1)] * L
+        return [self.kept[i] for i in range(L)] if self.inside else self.select(range(L))
+
+    def select(self, layers) -> list:
+        """The policy's keep flags (B, H_kv, T) of `layers` from their scores, chosen over those layers together;
+        each sequence its own, its pads never kept."""
         exact = self.policy.exact if self.exact is None else self.exact
         if not self.cache.padded:
-            return self.policy.flags([self.scores[i] for i in range(L)], self.keep, exact, False)
-        per_seq = [self.policy.flags([self.scores[i][b] for i in range(L)], self.keep, exact, False)
+            return self.policy.flags([self.scores[i] for i in layers], self.keep, exact, False)
+        pads = self.cache.pads.tolist()
+        per_seq = [self.policy.flags([self.scores[i][b] for i in layers], self.keep, exact, False)
                    for b in range(len(pads))]  # [b][layer] (1, H_kv, T - pad_b)
-        return [torch.cat([F.pad(per_seq[b][i], (int(p), 0)) for b, p in enumerate(pads.tolist())])
-                for i in range(L)]
+        return [torch.cat([F.pad(per_seq[b][j], (p, 0)) for b, p in enumerate(pads)]) for j in range(len(layers))]
 
 
 def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -239,13 +255,15 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
 AttentionInterface.register("kvnest", attention)
 
 
-def settings(view: Transformer, projections, budget, ranks, policy, gate, keep, exact, window) -> dict:
-    """The features, policy, keep and window that compress_cache's arguments name, checked as the scripts check
+def settings(view: Transformer, projections, budget, ranks, policy, gate, keep, exact, inside, sinks, window,
+             gate_new) -> dict:
+    """The features, policy, keep and protocol that compress_cache's arguments name, checked as the scripts check
     them."""
     out = {"exact": exact}
-    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
-        raise KVNestError(f"window={window!r}: pass a whole number >= 1 (queries that see a decoded token before "
-                          f"it is judged), e.g. 32")
+    for name, value, least in (("sinks", sinks, 0), ("window", window, 1)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+            raise KVNestError(f"{name}={value!r}: pass a whole number >= {least} (the prompt's "
+                              f"{'first' if name == 'sinks' else 'last'} entries always kept), e.g. 32")
     if projections is not None:
         if budget is None and ranks is None:
             raise KVNestError("projections need a budget (uniform ranks) or ranks (a search.py file)")
@@ -256,8 +274,10 @@ def settings(view: Transformer, projections, budget, ranks, policy, gate, keep, 
     elif budget is not None or ranks is not None:
         raise KVNestError("budget and ranks act with projections; pass projections too")
     if policy is None:
-        if gate is not None or keep is not None or window is not None:
-            raise KVNestError("gate, keep and window act with a policy; pass policy too")
+        given = [n for n, v in (("gate", gate), ("keep", keep), ("sinks", sinks), ("window", window)) if v is not None]
+        given += [n for n, v in (("inside", inside), ("gate_new", gate_new)) if v]
+        if given:
+            raise KVNestError(f"{given[0]} acts with a policy; pass policy too")
         return out
     check_evictable(view)
     check_keep(0.5 if keep is None else keep)
@@ -270,23 +290,28 @@ def settings(view: Transformer, projections, budget, ranks, policy, gate, keep, 
         raise KVNestError('gate acts with policy="gate"; drop it or pass policy="gate"')
     else:
         out["policy"] = baseline(policy) if isinstance(policy, str) else policy
-    if window is not None:
+    if gate_new:
         check_new_tokens(out["policy"])
-        out["window"] = window
-    out["keep"] = 0.5 if keep is None else keep
+        if window is None:
+            raise KVNestError("gate_new judges each decoded token after `window` queries; pass window, e.g. 32")
+    out.update(keep=0.5 if keep is None else keep, inside=bool(inside), sinks=sinks or 0, window=window or 0,
+               gate_new=bool(gate_new))
     return out
 
 
 @contextmanager
 def compress_cache(model, projections=None, budget=None, ranks=None, policy=None, gate=None, keep=None,
-                   exact=None, window=None):
+                   exact=None, inside=False, sinks=None, window=None, gate_new=False):
     """Run `model` (transformers Llama/Mistral) over kvnest's compressed cache inside the block. projections,
     budget, ranks: MatryoshkaKV (train.py, search.py files); policy ("streaming", "h2o", "snapkv", "random",
-    "gate" with gate=<checkpoint>, or a Policy object) and keep: eviction of the prompt after the prefill; window
-    (a gate trained on decoded tokens): each decoded token judged after `window` queries."""
+    "gate" with gate=<checkpoint>, or a Policy object) and keep: eviction of the prompt after the prefill (inside
+    it with inside=True); sinks, window: the prompt's first and last entries always kept (inside: each query's
+    recent window too); gate_new (a gate trained on decoded tokens): each decoded token judged after `window`
+    queries."""
     view = kvnest_view(model)
     name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    state = Attachment(view, **settings(view, projections, budget, ranks, policy, gate, keep, exact, window),
+    state = Attachment(view, **settings(view, projections, budget, ranks, policy, gate, keep, exact, inside, sinks,
+                                        window, gate_new),
                        rotary=model.model.rotary_emb, name=name)
     layers = model.model.layers
 
@@ -304,7 +329,7 @@ def compress_cache(model, projections=None, budget=None, ranks=None, policy=None
 
     def attention_input(i):  # x, for the policy's scores in the prefill and the judges after it
         def hook(_, args):
-            if state.policy is not None and (state.cache.seen == 0 or state.window):
+            if state.policy is not None and (state.cache.seen == 0 or state.gate_new):
                 state.x[i] = args[0]
         return hook
 

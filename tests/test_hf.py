@@ -1,7 +1,8 @@
 """hf.py against kvnest's own model: a transformers model inside compress_cache gives the same next-token logits
 and greedy generations as kvnest's decoder with the same checkpoints and settings, for every cache kind, on tiny
 random Llama and Mistral models; its cache holds the bytes kvnest reports; left padding equals each prompt alone;
-decoded tokens judged by a gate (window) as kvnest's own judging judges them."""
+decoded tokens judged by a gate (gate_new) as kvnest's own judging judges them; eviction inside the prefill as
+kvnest's own protocol evicts."""
 import pytest
 import torch
 
@@ -139,7 +140,8 @@ def new_token_gate(tiny_llama, tmp_path_factory):
 
 def hf_judged(hf, x, gate, n, mask=None):
     """hf_generate with decoded tokens judged: (tokens, logits, the Attachment with its judges)."""
-    with torch.no_grad(), compress_cache(hf, policy="gate", gate=gate, keep=0.5, window=WINDOW) as attached:
+    with torch.no_grad(), compress_cache(hf, policy="gate", gate=gate, keep=0.5, window=WINDOW,
+                                           gate_new=True) as attached:
         return *hf_generate(hf, x, mask, n), attached
 
 
@@ -173,6 +175,39 @@ def test_judged_decoded_tokens_with_left_padding_equal_each_prompt_alone(new_tok
         assert (logits[b: b + 1] - alone_logits).abs().max().item() <= 1e-4, b
 
 
+@pytest.mark.parametrize("kind,sinks,window", [("h2o", 0, 0), ("snapkv", 2, 4), ("gate", 0, 4),
+                                               ("both-pre-gate", 1, 3)])
+def test_eviction_inside_the_prefill_through_hf_equals_kvnest(kind, sinks, window, checkpoints, tiny_llama):
+    """inside=True: each layer flags the prompt before attending; the same logits and kept entries as kvnest's
+    Decoder with Protocol(inside=True), which differ from those of eviction after the prefill."""
+    model, hf, x = load_model(tiny_llama[0]), hf_model(tiny_llama[0]), tokens(20)
+    args = arguments(kind, checkpoints["llama"])
+    with torch.no_grad(), compress_cache(hf, **args, inside=True, sinks=sinks, window=window or None) as attached:
+        new, logits = hf_generate(hf, x)
+    kw = kvnest_settings(model, args)
+    runner = Decoder(model, STEPS, compile=False, protocol=Protocol(True, sinks, window), **kw)
+    ref = decode(runner, x, new[:, :-1])
+    assert (logits - ref).abs().max().item() <= 1e-4
+    after = decode(Decoder(model, STEPS, compile=False, protocol=Protocol(False, sinks, window), **kw), x,
+                   new[:, :-1])
+    assert (after - ref).abs().max().item() > 1e-3  # the protocols differ here: this test can fail
+    for ours, theirs in zip(attached.cache.kv.layers, runner.cache.layers):
+        assert [g.length.tolist() for g in ours.groups] == [g.length.tolist() for g in theirs.groups]
+
+
+def test_eviction_inside_the_prefill_with_left_padding_equals_each_prompt_alone(checkpoints, tiny_llama):
+    hf, long, short = hf_model(tiny_llama[0]), tokens(20, 1), tokens(13, 1, seed=3)
+    x = torch.cat([long, torch.cat([torch.zeros(1, 7, dtype=torch.long), short], 1)])
+    mask = torch.cat([torch.ones(1, 20), torch.cat([torch.zeros(1, 7), torch.ones(1, 13)], 1)]).long()
+    args = dict(arguments("gate", checkpoints["llama"]), inside=True, sinks=1)
+    with torch.no_grad(), compress_cache(hf, **args):
+        new, logits = hf_generate(hf, x, mask)
+        for b, prompt in enumerate((long, short)):
+            alone, alone_logits = hf_generate(hf, prompt)
+            assert torch.equal(new[b: b + 1], alone)
+            assert (logits[b: b + 1] - alone_logits).abs().max().item() <= 1e-4, b
+
+
 def test_the_view_has_the_fingerprint_of_kvnest_s_own_load(tiny_llama):
     assert kvnest_view(hf_model(tiny_llama[0])).fingerprint() == load_model(tiny_llama[0]).fingerprint()
 
@@ -188,9 +223,12 @@ def test_bad_use_is_a_kvnest_error(checkpoints, new_token_gate, tiny_llama, tiny
              (dict(keep=0.5), "pass policy too"),
              (dict(policy="nope"), "unknown eviction method"),
              (dict(window=4), "pass policy too"),
-             (dict(policy="snapkv", window=4), "needs a learned gate"),
-             (dict(policy="gate", gate=files["gate"], window=4), "not trained on decoded tokens"),
-             (dict(policy="gate", gate=files["gate"], window=0), r"window=0: pass a whole number >= 1")]
+             (dict(inside=True), "inside acts with a policy"),
+             (dict(policy="snapkv", window=4, gate_new=True), "needs a learned gate"),
+             (dict(policy="gate", gate=files["gate"], window=4, gate_new=True), "not trained on decoded tokens"),
+             (dict(policy="gate", gate=new_token_gate, gate_new=True), "after `window` queries; pass window"),
+             (dict(policy="gate", gate=files["gate"], window=0), r"window=0: pass a whole number >= 1"),
+             (dict(policy="h2o", sinks=-1), r"sinks=-1: pass a whole number >= 0")]
     for kwargs, message in cases:
         with pytest.raises(KVNestError, match=message.replace("(", r"\(").replace(")", r"\)")):
             with compress_cache(hf, **kwargs):
@@ -206,7 +244,10 @@ def test_bad_use_is_a_kvnest_error(checkpoints, new_token_gate, tiny_llama, tiny
     with torch.no_grad(), compress_cache(hf, policy="snapkv", keep=0.5):  # right padding is refused by name
         with pytest.raises(KVNestError, match="not left padding"):
             hf(tokens(6), attention_mask=torch.tensor([[1, 1, 1, 1, 0, 0]] * 2))
-    with torch.no_grad(), compress_cache(hf, policy="gate", gate=new_token_gate, window=4) as attached:
+    with torch.no_grad(), compress_cache(hf, policy="snapkv", inside=True, window=4):
+        with pytest.raises(KVNestError, match="left padding with a recent window inside the prefill"):
+            hf(tokens(6), attention_mask=torch.tensor([[1] * 6, [0, 0, 1, 1, 1, 1]]))
+    with torch.no_grad(), compress_cache(hf, policy="gate", gate=new_token_gate, window=4, gate_new=True) as attached:
         hf(tokens(6))  # the prefill
         with pytest.raises(KVNestError, match="decoded tokens are judged one per forward; 2 tokens"):
             hf(tokens(2), **attached.cache_kwargs())
@@ -249,11 +290,14 @@ def test_eval_py_through_transformers_prints_kvnest_s_figures(checkpoints, tiny_
     argv = ["--model", str(tiny_llama[0]), "--data", str(word_text), "--seq-len", "64", "--projections",
             str(checkpoints["llama"]["pre"]), "--budget", "0.5", "--evict", "snapkv", "--ctx-len", "40", "--json"]
     results = []
-    for extra in ([], ["--transformers"]):
-        eval_main(argv + extra)
-        results.append(json.loads(capsys.readouterr().out))
+    for protocol in ([], ["--protocol", "inside", "--window", "4", "--sinks", "1"]):
+        for extra in ([], ["--transformers"]):
+            eval_main(argv + protocol + extra)
+            results.append(json.loads(capsys.readouterr().out))
     for key in ("perplexity", "kl", "top1"):
         assert results[1][key] == pytest.approx(results[0][key], rel=1e-5, abs=1e-7), key
+        assert results[3][key] == pytest.approx(results[2][key], rel=1e-5, abs=1e-7), key
+    assert results[2]["kl"] != results[0]["kl"]
 
 
 def test_eval_through_transformers_without_transformers_is_one_line(tiny_llama, monkeypatch):

@@ -203,8 +203,8 @@ def test_gates_without_a_decoded_token_head_are_clear_errors(llama, tmp_path):
 
 
 def test_generate_gates_new_tokens_as_the_one_forward_form_over_its_own_output(tiny_llama, tmp_path, capsys):
-    """generate.py --gate-new W: greedy decoding with the decoded-token head picks, token by token, the argmax of
-    judged_forward run over the prompt and that same output (the prompt evicted to 50% as --evict gate does, its
+    """generate.py --window W --gate-new: greedy decoding with the decoded-token head picks, token by token, the argmax
+    of judged_forward run over the prompt and that same output (the prompt evicted to 50% as --evict gate does, its
     last W entries kept); without those kept, the one-forward form refuses to run."""
     from generate import main as generate_main
     model = load_model(tiny_llama[0])
@@ -213,7 +213,7 @@ def test_generate_gates_new_tokens_as_the_one_forward_form_over_its_own_output(t
     save_gate(tmp_path / "g.safetensors", gate, {"model": model.fingerprint()})
     prompt = x[:1, :CTX]
     generate_main(["--model", str(tiny_llama[0]), "--prompt", " ".join(f"w{i}" for i in prompt[0].tolist()),
-                   "--evict", "gate", "--gate", str(tmp_path / "g.safetensors"), "--gate-new", str(WINDOW),
+                   "--evict", "gate", "--gate", str(tmp_path / "g.safetensors"), "--window", str(WINDOW), "--gate-new",
                    "--max-new-tokens", "16"])
     printed = capsys.readouterr()
     out = [int(w[1:]) for w in printed.out.split()]
@@ -228,4 +228,7 @@ def test_generate_gates_new_tokens_as_the_one_forward_form_over_its_own_output(t
             judged_forward(model, torch.tensor([out[:-1]]), CTX, soft, gate, WINDOW, unprotected)
     with pytest.raises(KVNestError, match="drop --compile"):
         generate_main(["--model", str(tiny_llama[0]), "--prompt", "w1", "--evict", "gate", "--gate",
-                       str(tmp_path / "g.safetensors"), "--gate-new", "4", "--compile"])
+                       str(tmp_path / "g.safetensors"), "--window", "4", "--gate-new", "--compile"])
+    with pytest.raises(KVNestError, match="after --window queries; pass --window"):
+        generate_main(["--model", str(tiny_llama[0]), "--prompt", "w1", "--evict", "gate", "--gate",
+                       str(tmp_path / "g.safetensors"), "--gate-new"])
