@@ -260,10 +260,10 @@ def settings(view: Transformer, projections, budget, ranks, policy, gate, keep, 
     """The features, policy, keep and protocol that compress_cache's arguments name, checked as the scripts check
     them."""
     out = {"exact": exact}
-    for name, value, least in (("sinks", sinks, 0), ("window", window, 1)):
+    for name, value, least, end, example in (("sinks", sinks, 0, "first", 4), ("window", window, 1, "last", 32)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
-            raise KVNestError(f"{name}={value!r}: pass a whole number >= {least} (the prompt's "
-                              f"{'first' if name == 'sinks' else 'last'} entries always kept), e.g. 32")
+            raise KVNestError(f"{name}={value!r}: pass a whole number >= {least} (the prompt's {end} entries always "
+                              f"kept), e.g. {example}")
     if projections is not None:
         if budget is None and ranks is None:
             raise KVNestError("projections need a budget (uniform ranks) or ranks (a search.py file)")
