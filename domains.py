@@ -102,7 +102,8 @@ def compare_plot(runs: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
     first = next(iter(runs.values()))
     budgets = [b for b in next(iter(first.values())) if b != "full"]
-    fig, axes = plt.subplots(1, len(budgets), figsize=(5 * len(budgets), 4), squeeze=False)
+    width = max(5.0, 1.4 * len(runs))  # room for each run's label of several lines
+    fig, axes = plt.subplots(1, len(budgets), figsize=(width * len(budgets), 4), squeeze=False)
     for ax, budget in zip(axes[0], budgets):
         for text in first:
             ys = [s[text][budget][SETTINGS[1]]["perplexity"] / s[text]["full"] for s in runs.values()]

@@ -270,17 +270,19 @@ def test_a_long_generation_grows_the_cache_and_stays_equal(checkpoints, tiny_lla
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("kind", ["matryoshka-pre", "both"])
-def test_half_precision_models_run_close_to_kvnest(kind, dtype, checkpoints, tiny_llama):
-    """fp32 projections meet a half-precision transformers model: the cache follows the model's dtype."""
+@pytest.mark.parametrize("kind,inside", [("matryoshka-pre", False), ("both", False), ("both-pre-gate", True)])
+def test_half_precision_models_run_close_to_kvnest(kind, inside, dtype, checkpoints, tiny_llama):
+    """fp32 projections meet a half-precision transformers model: the cache follows the model's dtype (evicting
+    after the prefill or inside it, with a recent window)."""
     from transformers import AutoModelForCausalLM
     model, x = load_model(tiny_llama[0], dtype=dtype), tokens(20)
     hf = AutoModelForCausalLM.from_pretrained(tiny_llama[0], dtype=dtype).eval()
-    args = arguments(kind, checkpoints["llama"])
-    with torch.no_grad(), compress_cache(hf, **args) as attached:
+    args, protocol = arguments(kind, checkpoints["llama"]), Protocol(inside, 0, 3 if inside else 0)
+    with torch.no_grad(), compress_cache(hf, **args, inside=inside, window=protocol.window or None) as attached:
         new, logits = hf_generate(hf, x)
     assert {t.dtype for t in attached.cache.kv.buffers() if t.is_floating_point()} == {dtype}
-    ref = decode(Decoder(model, STEPS, compile=False, **kvnest_settings(model, args)), x, new[:, :-1]).float()
+    runner = Decoder(model, STEPS, compile=False, protocol=protocol, **kvnest_settings(model, args))
+    ref = decode(runner, x, new[:, :-1]).float()
     assert (logits.float() - ref).abs().max().item() <= 0.05 * ref.abs().max().item()
 
 
