@@ -299,9 +299,9 @@ def main(argv=None):
         raise KVNestError(f"--{eviction_flags[0].replace('_', '-')} acts with --evict, --evict-sweep or --plan; "
                           f"pass one")
     unsupported = [f for f in ("sweep", "evict_sweep", "gate_threshold", "gate_new") if getattr(args, f)]
-    if args.transformers and (unsupported or args.plan):
+    if args.transformers and unsupported:
         raise KVNestError(f"--transformers scores one setting, its decoded tokens all kept; drop "
-                          f"--{(unsupported or ['plan'])[0].replace('_', '-')}")
+                          f"--{unsupported[0].replace('_', '-')}")
     if args.plan and (args.sweep or args.gate_threshold):
         raise KVNestError(f"--plan sets each head's ranks and exact keep; drop --"
                           f"{'sweep' if args.sweep else 'gate-threshold'}")
@@ -317,12 +317,17 @@ def main(argv=None):
         return
     features, policy, keep, _, plan = compression_from_flags(model, args)
     if args.transformers:
-        windows = eval_windows(tok, args.data, args.windows or (8 if args.evict else 6), args.seq_len)
-        compression = dict(projections=args.projections, budget=args.budget, ranks=args.ranks, policy=args.evict,
-                           gate=args.gate, keep=keep if args.evict else None, exact=True if args.evict else None)
-        if args.evict:
+        evicts = bool(args.evict or args.plan)  # eviction's protocol: a context, then its continuation
+        windows = eval_windows(tok, args.data, args.windows or (8 if evicts else 6), args.seq_len)
+        compression = dict(projections=args.projections, budget=args.budget, gate=args.gate)
+        if args.plan:
+            compression["plan"] = args.plan
+        else:
+            compression.update(ranks=args.ranks, policy=args.evict, keep=keep if args.evict else None,
+                               exact=True if args.evict else None)
+        if policy is not None:
             compression.update(inside=protocol.inside, sinks=protocol.sinks, window=protocol.window or None)
-        result = score_transformers(folder, model, windows, args.ctx_len if args.evict else None, **compression)
+        result = score_transformers(folder, model, windows, args.ctx_len if evicts else None, **compression)
         return report(dict(through="transformers + hf.py", **result), args.json)
     if args.evict or args.evict_sweep or args.plan:
         return eviction_main(args, model, tok, features, policy, keep, plan, protocol)

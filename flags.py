@@ -9,7 +9,7 @@ import torch
 from assets import Tokenizer, default_model_folder
 from errors import KVNestError, ratio, size
 from evict import Protocol, baseline
-from plan import POLICIES, load_plan
+from plan import POLICIES, plan_compression
 from weights import load_model
 
 
@@ -128,28 +128,9 @@ def features_from_args(model, args):
 def plan_from_flags(model, args, sweep: bool) -> Compression:
     """The Compression of --plan: its ranks cut --projections' bases, its policy (--gate
     for a gate) keeps each head's own top n."""
-    from compress import load_projections, uniform_ranks
     given = [f for f, v in (("ranks", args.ranks), ("keep", args.keep), ("evict", args.evict),
                             ("evict-sweep", sweep)) if v not in (None, False)]
     if given:
         raise KVNestError(f"--{given[0]} is set by --plan (each head's ranks, keep ratio and the policy); drop it")
-    plan = load_plan(args.plan, model, args.budget)
-    if plan.compressed(model.args.head_dim) != bool(args.projections):
-        raise KVNestError(f"--plan {args.plan} " + ("cuts ranks: pass the --projections it was searched with"
-                          if args.projections is None else "keeps every rank: drop --projections"))
-    if (plan.policy == "gate" and plan.evicts) != bool(args.gate):
-        raise KVNestError(f"--plan {args.plan} evicts with {plan.policy if plan.evicts else 'nothing'}: "
-                          + ("pass its --gate" if args.gate is None else "drop --gate"))
-    full = None
-    if args.projections:
-        proj = load_projections(args.projections, model)[0]
-        if proj.key_mode != plan.key_mode:
-            raise KVNestError(f"--plan {args.plan} was searched for keys {plan.key_mode}, --projections holds "
-                              f"{proj.key_mode}; pass the projections it was searched with")
-        with torch.no_grad():
-            full = proj.features(*uniform_ranks(model, 1.0))
-    if not plan.evicts:
-        return Compression(plan.features(full), None, 1.0, None, plan)
-    from gate import load_gate
-    policy = load_gate(args.gate, model)[0] if args.gate else baseline(plan.policy)
-    return Compression(plan.features(full), policy, plan.keep, True, plan)
+    plan, features, policy = plan_compression(model, args.plan, args.budget, args.projections, args.gate)
+    return Compression(features, policy, plan.keep if policy else 1.0, True if policy else None, plan)

@@ -23,6 +23,8 @@ the sampling; nothing of its code is copied here. Inside the block:
     decoded token is judged once `window` queries have seen it (gate.NewTokenGate, as generate.py --gate-new does).
   - Left padding: pad entries are invisible to every query of the prefill and compacted away after it; each
     sequence is scored and evicted as if it were alone.
+  - A joint plan (joint.py; plan=, with the projections it was searched with) gives each KV head its own ranks
+    and keep ratio, as the scripts' --plan does.
 
 Checkpoints trained by train.py apply unchanged: `kvnest_view` makes a kvnest Transformer over the transformers
 model's own tensors (no copy), fingerprinted with the digest of the weights stored in the folder it came from.
@@ -41,9 +43,10 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from compress import load_projections, load_ranks, uniform_ranks
 from errors import KVNestError
-from evict import baseline, check_evictable, check_keep, protect
+from evict import baseline, check_evictable, check_keep, layer_keep, protect
 from gate import NewTokenGate, check_new_tokens, load_gate
 from model import KVCache, Transformer
+from plan import plan_compression
 from weights import (args_from_hf_config, assemble, kvnest_name, stored_tensors, tensor_digest, weight_files,
                      weights_digest)
 
@@ -126,7 +129,7 @@ class Attachment:
     view: Transformer
     features: object = None
     policy: object = None
-    keep: float = 1.0
+    keep: object = 1.0  # a float, or (L, H_kv) per head from a plan
     exact: bool | None = None
     inside: bool = False  # evict inside the prefill (else after it)
     sinks: int = 0  # the prompt's first entries forced kept
@@ -212,9 +215,10 @@ class Attachment:
         """The policy's scores of layer i: of the whole batch, or of each sequence without its padding (the first
         `sinks` and the last `window` entries forced kept)."""
         if not self.cache.padded:
-            return protect(self.policy.score(i, x, q, k, self.keep), self.sinks, self.window)
-        return [protect(self.policy.score(i, x[b: b + 1, p:], q[b: b + 1, :, p:], k[b: b + 1, :, p:], self.keep),
-                        self.sinks, self.window) for b, p in enumerate(self.cache.pads.tolist())]
+            return protect(self.policy.score(i, x, q, k, layer_keep(self.keep, i)), self.sinks, self.window)
+        return [protect(self.policy.score(i, x[b: b + 1, p:], q[b: b + 1, :, p:], k[b: b + 1, :, p:],
+                                          layer_keep(self.keep, i)), self.sinks, self.window)
+                for b, p in enumerate(self.cache.pads.tolist())]
 
     def end(self) -> None:
         """After a forward: evict after the prefill (and drop the pads)."""
@@ -238,10 +242,11 @@ class Attachment:
         """The policy's keep flags (B, H_kv, T) of `layers` from their scores, chosen over those layers together;
         each sequence its own, its pads never kept."""
         exact = self.policy.exact if self.exact is None else self.exact
+        keep = self.keep[list(layers)] if torch.is_tensor(self.keep) else self.keep  # a plan's rows of those layers
         if not self.cache.padded:
-            return self.policy.flags([self.scores[i] for i in layers], self.keep, exact, False)
+            return self.policy.flags([self.scores[i] for i in layers], keep, exact, False)
         pads = self.cache.pads.tolist()
-        per_seq = [self.policy.flags([self.scores[i][b] for i in layers], self.keep, exact, False)
+        per_seq = [self.policy.flags([self.scores[i][b] for i in layers], keep, exact, False)
                    for b in range(len(pads))]  # [b][layer] (1, H_kv, T - pad_b)
         return [torch.cat([F.pad(per_seq[b][j], (p, 0)) for b, p in enumerate(pads)]) for j in range(len(layers))]
 
@@ -255,15 +260,40 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
 AttentionInterface.register("kvnest", attention)
 
 
-def settings(view: Transformer, projections, budget, ranks, policy, gate, keep, exact, inside, sinks, window,
-             gate_new) -> dict:
+def settings(view: Transformer, projections=None, budget=None, ranks=None, plan=None, policy=None, gate=None,
+             keep=None, exact=None, inside=False, sinks=None, window=None, gate_new=False) -> dict:
     """The features, policy, keep and protocol that compress_cache's arguments name, checked as the scripts check
     them."""
-    out = {"exact": exact}
     for name, value, least, end, example in (("sinks", sinks, 0, "first", 4), ("window", window, 1, "last", 32)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
             raise KVNestError(f"{name}={value!r}: pass a whole number >= {least} (the prompt's {end} entries always "
                               f"kept), e.g. {example}")
+    out = compression(view, projections, budget, ranks, plan, policy, gate, keep, exact)
+    if out.get("policy") is None:
+        given = [n for n, v in (("sinks", sinks), ("window", window)) if v is not None]
+        given += [n for n, v in (("inside", inside), ("gate_new", gate_new)) if v]
+        if given:
+            raise KVNestError(f"{given[0]} acts with a policy (or a plan that evicts); pass one")
+        return out
+    check_evictable(view)
+    if gate_new:
+        check_new_tokens(out["policy"])
+        if window is None:
+            raise KVNestError("gate_new judges each decoded token after `window` queries; pass window, e.g. 32")
+    return dict(out, inside=bool(inside), sinks=sinks or 0, window=window or 0, gate_new=bool(gate_new))
+
+
+def compression(view: Transformer, projections, budget, ranks, plan, policy, gate, keep, exact) -> dict:
+    """The features, policy, keep and exact rule of a plan (joint.py), or of the MatryoshkaKV and eviction
+    arguments."""
+    if plan is not None:
+        given = [n for n, v in (("ranks", ranks), ("policy", policy), ("keep", keep), ("exact", exact)) if v is not None]
+        if given:
+            raise KVNestError(f"{given[0]} is set by the plan (each head's ranks and keep ratio, and the policy); "
+                              f"drop it")
+        plan, features, policy = plan_compression(view, plan, budget, projections, gate)
+        return dict(features=features, policy=policy, keep=plan.keep if policy else 1.0, exact=True)
+    out = {"exact": exact}
     if projections is not None:
         if budget is None and ranks is None:
             raise KVNestError("projections need a budget (uniform ranks) or ranks (a search.py file)")
@@ -274,12 +304,10 @@ def settings(view: Transformer, projections, budget, ranks, policy, gate, keep, 
     elif budget is not None or ranks is not None:
         raise KVNestError("budget and ranks act with projections; pass projections too")
     if policy is None:
-        given = [n for n, v in (("gate", gate), ("keep", keep), ("sinks", sinks), ("window", window)) if v is not None]
-        given += [n for n, v in (("inside", inside), ("gate_new", gate_new)) if v]
+        given = [n for n, v in (("gate", gate), ("keep", keep)) if v is not None]
         if given:
             raise KVNestError(f"{given[0]} acts with a policy; pass policy too")
         return out
-    check_evictable(view)
     check_keep(0.5 if keep is None else keep)
     if policy == "gate":
         if gate is None:
@@ -290,28 +318,24 @@ def settings(view: Transformer, projections, budget, ranks, policy, gate, keep, 
         raise KVNestError('gate acts with policy="gate"; drop it or pass policy="gate"')
     else:
         out["policy"] = baseline(policy) if isinstance(policy, str) else policy
-    if gate_new:
-        check_new_tokens(out["policy"])
-        if window is None:
-            raise KVNestError("gate_new judges each decoded token after `window` queries; pass window, e.g. 32")
-    out.update(keep=0.5 if keep is None else keep, inside=bool(inside), sinks=sinks or 0, window=window or 0,
-               gate_new=bool(gate_new))
-    return out
+    return dict(out, keep=0.5 if keep is None else keep)
 
 
 @contextmanager
 def compress_cache(model, projections=None, budget=None, ranks=None, policy=None, gate=None, keep=None,
-                   exact=None, inside=False, sinks=None, window=None, gate_new=False):
+                   exact=None, inside=False, sinks=None, window=None, gate_new=False, plan=None):
     """Run `model` (transformers Llama/Mistral) over kvnest's compressed cache inside the block. projections,
-    budget, ranks: MatryoshkaKV (train.py, search.py files); policy ("streaming", "h2o", "snapkv", "random",
+    budget, ranks: MatryoshkaKV (train.py, search.py files); plan: a joint.py file (each head's ranks and keep
+    ratio, and the policy: with the projections it was searched with, its gate for a gate plan, budget picks the
+    entry); policy ("streaming", "h2o", "snapkv", "random",
     "gate" with gate=<checkpoint>, or a Policy object) and keep: eviction of the prompt after the prefill (inside
     it with inside=True); sinks, window: the prompt's first and last entries always kept (inside: each query's
     recent window too); gate_new (a gate trained on decoded tokens): each decoded token judged after `window`
     queries."""
     view = kvnest_view(model)
     name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    state = Attachment(view, **settings(view, projections, budget, ranks, policy, gate, keep, exact, inside, sinks,
-                                        window, gate_new),
+    state = Attachment(view, **settings(view, projections, budget, ranks, plan, policy, gate, keep, exact, inside,
+                                        sinks, window, gate_new),
                        rotary=model.model.rotary_emb, name=name)
     layers = model.model.layers
 

@@ -15,7 +15,7 @@ bytes (L H_kv 2 D s per token), with keep_lh in place of n_lh / T:
 A plan with every rank at D stores entries as they are (no bases); one with every keep at 1 evicts nothing. Plans
 are written by joint.py's search as JSON (one entry per budget, like search.py's ranks files) and read by the
 scripts' --plan flag (flags.py): eval.py scores them, generate.py and kernels.Decoder decode from them, bench.py
-times them.
+times them, and hf.py's compress_cache(plan=...) runs a transformers model over them.
 """
 import json
 from dataclasses import dataclass, replace
@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from compress import Matryoshka, read_entry, read_tables
+from compress import Matryoshka, load_projections, read_entry, read_tables, uniform_ranks
 from errors import KVNestError
-from evict import BASELINES
+from evict import BASELINES, baseline
 from model import Transformer
 
 POLICIES = (*BASELINES, "gate")
@@ -105,3 +105,29 @@ def load_plan(path, model: Transformer, budget: float | None = None) -> Plan:
     if policy not in POLICIES or key_mode not in ("pre_rope", "post_rope"):
         raise KVNestError(f"plan {path} names no valid policy ({policy!r}) or key mode ({key_mode!r}){fix}")
     return Plan(rank_k, rank_v, keep.double(), policy, key_mode)
+
+
+def plan_compression(model: Transformer, path, budget: float | None, projections, gate) -> tuple:
+    """(Plan, features, policy) of the plan in `path` for `budget`: its ranks cut the bases of `projections` (the
+    checkpoint it was searched with), its policy (the `gate` checkpoint for a gate plan) keeps each head's own top
+    n. The files must be the ones the plan needs, no more."""
+    plan = load_plan(path, model, budget)
+    if plan.compressed(model.args.head_dim) != bool(projections):
+        raise KVNestError(f"plan {path} " + ("cuts ranks: pass the projections it was searched with"
+                          if projections is None else "keeps every rank: drop the projections"))
+    if (plan.policy == "gate" and plan.evicts) != bool(gate):
+        raise KVNestError(f"plan {path} evicts with {plan.policy if plan.evicts else 'nothing'}: "
+                          + ("pass its gate checkpoint" if gate is None else "drop the gate"))
+    full = None
+    if projections:
+        proj = load_projections(projections, model)[0]
+        if proj.key_mode != plan.key_mode:
+            raise KVNestError(f"plan {path} was searched for keys {plan.key_mode}, the projections hold "
+                              f"{proj.key_mode}; pass the projections it was searched with")
+        with torch.no_grad():
+            full = proj.features(*uniform_ranks(model, 1.0))
+    if not plan.evicts:
+        return plan, plan.features(full), None
+    from gate import load_gate
+    policy = load_gate(gate, model)[0] if gate else baseline(plan.policy)
+    return plan, plan.features(full), policy

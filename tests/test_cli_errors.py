@@ -127,7 +127,6 @@ COMBINATIONS = [  # (script, flags, what the error says)
     ("joint", ["--seq-len", "48", "--ctx-len", "32", "--keep-step", "1"], "keep step 1.0 in (0, 1)"),
     ("eval", ["--plan", "nope.json"], "plan nope.json does not exist; make one with `python joint.py`"),
     ("eval", ["--plan", "p.json", "--sweep"], "--plan sets each head's ranks and exact keep; drop --sweep"),
-    ("eval", ["--plan", "p.json", "--transformers"], "drop --plan"),
     ("eval", ["--plan", "p.json", "--evict-sweep"], "--evict-sweep is set by --plan"),
     ("generate", ["--prompt", "w1", "--plan", "p.json", "--evict", "h2o"], "--evict is set by --plan"),
     ("generate", ["--prompt", "w1", "--plan", "p.json", "--ranks", "r.json"], "--ranks is set by --plan"),

@@ -208,6 +208,33 @@ def test_eviction_inside_the_prefill_with_left_padding_equals_each_prompt_alone(
             assert (logits[b: b + 1] - alone_logits).abs().max().item() <= 1e-4, b
 
 
+@pytest.mark.parametrize("policy,inside", [("snapkv", False), ("gate", False), ("gate", True)])
+def test_a_joint_plan_through_hf_equals_kvnest(policy, inside, checkpoints, tiny_llama, tmp_path):
+    """plan=: each head its own ranks and keep ratio (joint.py); the same logits as kvnest's Decoder with the
+    plan's compression, and the cache holds the bytes the plan predicts."""
+    from plan import plan_compression, save_plans
+    from test_plan import some_plan
+    model, hf, x = load_model(tiny_llama[0]), hf_model(tiny_llama[0]), tokens(20)
+    files, path = checkpoints["llama"], tmp_path / "plan.json"
+    save_plans(path, {0.5: (some_plan(model, "pre_rope", policy), {})}, {"model": model.fingerprint()}, 0.5)
+    gate = files["gate"] if policy == "gate" else None
+    with torch.no_grad(), compress_cache(hf, projections=files["pre"], plan=path, gate=gate,
+                                         inside=inside) as attached:
+        hf(x)
+        held = attached.cache.nbytes()
+        new, logits = hf_generate(hf, x)
+    plan, features, chosen = plan_compression(model, path, None, files["pre"], gate)
+    runner = Decoder(model, STEPS, features, chosen, plan.keep, True, compile=False, protocol=Protocol(inside))
+    assert (logits - decode(runner, x, new[:, :-1])).abs().max().item() <= 1e-4
+    assert held == plan.nbytes(20, 2, 16, 4) < KVCache(model, 2, 20).nbytes()
+    for kwargs, message in ((dict(plan=path, gate=gate), "cuts ranks: pass the projections"),
+                            (dict(plan=path, projections=files["pre"], gate=gate, keep=0.5), "keep is set by the plan"),
+                            (dict(plan=path, projections=files["post"], gate=gate), "searched for keys pre_rope")):
+        with pytest.raises(KVNestError, match=message):
+            with compress_cache(hf, **kwargs):
+                pass
+
+
 def test_the_view_has_the_fingerprint_of_kvnest_s_own_load(tiny_llama):
     assert kvnest_view(hf_model(tiny_llama[0])).fingerprint() == load_model(tiny_llama[0]).fingerprint()
 
@@ -222,7 +249,7 @@ def test_bad_use_is_a_kvnest_error(checkpoints, new_token_gate, tiny_llama, tiny
              (dict(policy="gate"), "needs gate="),
              (dict(keep=0.5), "pass policy too"),
              (dict(policy="nope"), "unknown eviction method"),
-             (dict(window=4), "pass policy too"),
+             (dict(window=4), "window acts with a policy"),
              (dict(inside=True), "inside acts with a policy"),
              (dict(policy="snapkv", window=4, gate_new=True), "needs a learned gate"),
              (dict(policy="gate", gate=files["gate"], window=4, gate_new=True), "not trained on decoded tokens"),

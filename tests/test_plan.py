@@ -242,6 +242,11 @@ def test_cli_joint_then_eval_generate_and_bench_take_the_plan(tiny_llama, word_t
                        "--ctx-len", "32", "--windows", "2", "--json"])
     result = json.loads(capsys.readouterr().out)
     assert result["method"] == "plan" and result["budget"] <= 0.25
+    eval_main(model + ["--projections", str(proj), "--plan", str(out), "--budget", "0.25", "--seq-len", "48",
+                       "--ctx-len", "32", "--windows", "2", "--json", "--transformers"])  # hf.py's plan=
+    through = json.loads(capsys.readouterr().out)
+    assert through["perplexity"] == pytest.approx(result["perplexity"], rel=1e-5)
+    assert through["kl"] == pytest.approx(result["kl"], rel=1e-4, abs=1e-7)
     table = out.with_suffix(".md").read_text()
     assert f"{result['perplexity']:.3f} ({result['kl']:.4f}" in table  # the same cell as joint.py's table
     from generate import main as generate_main
@@ -253,7 +258,7 @@ def test_cli_joint_then_eval_generate_and_bench_take_the_plan(tiny_llama, word_t
     assert "| plan | 64 | 1 |" in capsys.readouterr().out
     cuts = load_plan(out, load_model(tiny_llama[0])).compressed(16)
     for flags, message in ((["--plan", str(out)] + ([] if cuts else ["--projections", str(proj)]),
-                            "cuts ranks: pass the --projections" if cuts else "keeps every rank"),
+                            "cuts ranks: pass the projections" if cuts else "keeps every rank"),
                            (["--plan", str(out), "--projections", str(proj), "--keep", "0.5"], "--keep is set by"),
                            (["--plan", str(out), "--projections", str(proj), "--budget", "0.3"],
                             "has no entry for budget 0.3")):
