@@ -287,7 +287,8 @@ def compression(view: Transformer, projections, budget, ranks, plan, policy, gat
     """The features, policy, keep and exact rule of a plan (joint.py), or of the MatryoshkaKV and eviction
     arguments."""
     if plan is not None:
-        given = [n for n, v in (("ranks", ranks), ("policy", policy), ("keep", keep), ("exact", exact)) if v is not None]
+        given = [n for n, v in (("ranks", ranks), ("policy", policy), ("keep", keep), ("exact", exact))
+                 if v is not None]
         if given:
             raise KVNestError(f"{given[0]} is set by the plan (each head's ranks and keep ratio, and the policy); "
                               f"drop it")
