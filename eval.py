@@ -293,11 +293,7 @@ def main(argv=None):
     p.add_argument("--transformers", action="store_true", help="score through transformers' own model with "
                    "hf.py's compress_cache attached (needs transformers): the same figures, from its forward")
     args = p.parse_args(argv)
-    protocol = protocol_from_flags(p, args)
-    eviction_flags = [f for f in ("gate_threshold", "ctx_len") if getattr(args, f) != p.get_default(f)]
-    if eviction_flags and not (args.evict or args.evict_sweep or args.plan):
-        raise KVNestError(f"--{eviction_flags[0].replace('_', '-')} acts with --evict, --evict-sweep or --plan; "
-                          f"pass one")
+    protocol = protocol_from_flags(p, args, also=("gate_threshold", "ctx_len"))
     unsupported = [f for f in ("sweep", "evict_sweep", "gate_threshold", "gate_new") if getattr(args, f)]
     if args.transformers and unsupported:
         raise KVNestError(f"--transformers scores one setting, its decoded tokens all kept; drop "

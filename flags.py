@@ -76,9 +76,10 @@ def add_protocol_flags(p) -> None:
 PROTOCOL_FLAGS = ("protocol", "sinks", "window", "gate_new")
 
 
-def protocol_from_flags(p, args) -> Protocol:
-    """The Protocol of add_protocol_flags' flags; they act with --evict, --evict-sweep or --plan only."""
-    given = [f for f in PROTOCOL_FLAGS if getattr(args, f) != p.get_default(f)]
+def protocol_from_flags(p, args, also: tuple = ()) -> Protocol:
+    """The Protocol of add_protocol_flags' flags; they (and the script's eviction flags `also`) act with --evict,
+    --evict-sweep or --plan only."""
+    given = [f for f in PROTOCOL_FLAGS + also if getattr(args, f) != p.get_default(f)]
     if given and not (args.evict or getattr(args, "evict_sweep", False) or args.plan):
         raise KVNestError(f"--{given[0].replace('_', '-')} acts with --evict, --evict-sweep or --plan; pass one")
     return Protocol(args.protocol == "inside", args.sinks, args.window)

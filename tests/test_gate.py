@@ -159,24 +159,6 @@ def test_eviction_inside_the_prefill_equals_an_eager_reference(llama, policy):
         assert (keep_all - llama(x)).abs().max() < 1e-5
 
 
-def test_generate_evicts_inside_the_prefill_as_the_protocol_says(tiny_llama, capsys):
-    """generate.py --protocol inside --sinks 1 --window 3 prints the greedy tokens of the Decoder under that
-    protocol; after the prefill they differ here (the flag acts)."""
-    from generate import main as generate_main
-    from kernels import Decoder
-    from model import generate
-    model, x = load_model(tiny_llama[0]), tokens(30, 1)
-    out = {}
-    for where in ("inside", "after"):
-        generate_main(["--model", str(tiny_llama[0]), "--prompt", " ".join(f"w{i}" for i in x[0].tolist()),
-                       "--evict", "h2o", "--keep", "0.3", "--protocol", where, "--sinks", "1", "--window", "3",
-                       "--max-new-tokens", "8"])
-        out[where] = [int(w[1:]) for w in capsys.readouterr().out.split()]
-    runner = Decoder(model, 8, policy=H2O(), keep=0.3, compile=False, protocol=Protocol(True, 1, 3))
-    ref = torch.stack(list(generate(runner, x, 8)), 1)[0].tolist()
-    assert len(out["inside"]) > 4 and out["inside"] == ref[:len(out["inside"])] and out["after"] != out["inside"]
-
-
 def test_bad_eviction_protocols_are_clear_errors(llama):
     with pytest.raises(KVNestError, match="must be >= 0"):
         prefill(llama, tokens(40, 1), KVCache(llama, 1, 40), StreamingLLM(), 0.5, protocol=Protocol(sinks=-1))

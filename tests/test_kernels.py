@@ -12,7 +12,7 @@ import torch
 from bench import main as bench_main
 from compress import uniform_ranks
 from eval import main as eval_main, score_eviction
-from evict import H2O, RandomPolicy, SnapKV, StreamingLLM, prefill
+from evict import H2O, Protocol, RandomPolicy, SnapKV, StreamingLLM, prefill
 from gate import Gate, calibrate_gate
 from kernels import Decoder
 from model import KVCache, apply_rope, rope_cos_sin, rotated_scores
@@ -280,3 +280,20 @@ def test_compiled_half_precision_equals_eager(tiny_llama, features, policy, dtyp
     ref = decode(Decoder(model, STEPS, compile=False, **kw), x, new).float()
     got = decode(Decoder(model, STEPS, **kw), x, new).float()
     assert (got - ref).abs().max().item() <= 0.02 * ref.abs().max().item()  # rounding in fused kernels
+
+
+def test_generate_evicts_inside_the_prefill_as_the_protocol_says(tiny_llama, capsys):
+    """generate.py --protocol inside --sinks 1 --window 3 prints the greedy tokens of the Decoder under that
+    protocol; after the prefill they differ here (the flag acts)."""
+    from generate import main as generate_main
+    from model import generate
+    model, x = load_model(tiny_llama[0]), tokens(30, 1)
+    out = {}
+    for where in ("inside", "after"):
+        generate_main(["--model", str(tiny_llama[0]), "--prompt", " ".join(f"w{i}" for i in x[0].tolist()),
+                       "--evict", "h2o", "--keep", "0.3", "--protocol", where, "--sinks", "1", "--window", "3",
+                       "--max-new-tokens", "8"])
+        out[where] = [int(w[1:]) for w in capsys.readouterr().out.split()]
+    runner = Decoder(model, 8, policy=H2O(), keep=0.3, compile=False, protocol=Protocol(True, 1, 3))
+    ref = torch.stack(list(generate(runner, x, 8)), 1)[0].tolist()
+    assert len(out["inside"]) > 4 and out["inside"] == ref[:len(out["inside"])] and out["after"] != out["inside"]
