@@ -14,10 +14,11 @@ any length up to the model's context:
 
 Each prompt is the default model's chat turn: the context, then the question and the start of the answer. The
 answer is decoded greedily from the (compressed) cache, and scored as RULER does: the fraction of the expected
-strings found in it (so 0 or 1 for a single needle). Two protocols: query-agnostic (the context alone is
-prefilled and compressed, then the question is read from the compressed cache: kvpress's pipeline; a cache
-compressed once must serve any question) and query-aware (context and question are prefilled together and then
-compressed: SnapKV's observation window sees the question).
+strings found in it (so 0 or 1 for a single needle). Two query settings (`--query`; the eviction runs after
+the prefill, evict.py's default protocol, in both): query-agnostic (the context alone is prefilled and
+compressed, then the question is read from the compressed cache: kvpress's pipeline; a cache compressed once
+must serve any question) and query-aware (context and question are prefilled together and then compressed:
+SnapKV's observation window sees the question).
 
     python retrieval.py --quick                        # 1k tokens, 2 samples per task: minutes on 2 cores
     python retrieval.py --lengths 4096,8192 --samples 50 --gate runs/gate.safetensors \\
@@ -221,25 +222,25 @@ def runs_for(model, compressions, methods, gate, projections) -> dict:
     return runs
 
 
-def evaluate(model, tok, tasks, lengths, samples: int, runs: dict, protocols, seed: int) -> dict:
-    """{(length, protocol): {run: {task: mean score}}} over `samples` samples per task."""
+def evaluate(model, tok, tasks, lengths, samples: int, runs: dict, queries, seed: int) -> dict:
+    """{(length, query): {run: {task: mean score}}} over `samples` samples per task."""
     results = {}
-    cells = [(n, p, t, i) for n in lengths for p in protocols for t in tasks for i in range(samples)]
-    for length, protocol, task, i in tqdm(cells, desc="retrieval"):
+    cells = [(n, q, t, i) for n in lengths for q in queries for t in tasks for i in range(samples)]
+    for length, query, task, i in tqdm(cells, desc="retrieval"):
         s = build(task, tok, length, seed * 100_003 + i)
-        for name, text in answer_all(model, tok, s, runs, protocol == "aware", MAX_NEW[task]).items():
-            cell = results.setdefault((length, protocol), {}).setdefault(name, {}).setdefault(task, [])
+        for name, text in answer_all(model, tok, s, runs, query == "aware", MAX_NEW[task]).items():
+            cell = results.setdefault((length, query), {}).setdefault(name, {}).setdefault(task, [])
             cell.append(score(text, s.answers))
     return {k: {n: {t: sum(v) / len(v) for t, v in per.items()} for n, per in r.items()} for k, r in results.items()}
 
 
 def table(results: dict, tasks, samples: int) -> str:
-    """Markdown: a block per (length, protocol), a row per run, the average over the tasks the full cache can do."""
+    """Markdown: a block per (length, query), a row per run, the average over the tasks the full cache can do."""
     lines = []
-    for (length, protocol), r in results.items():
+    for (length, query), r in results.items():
         able = [t for t in tasks if r["full"][t] >= FAILED]
         failed = [t for t in tasks if t not in able]
-        lines += [f"\n**{length} tokens, query-{protocol}** ({samples} samples per cell; average over "
+        lines += [f"\n**{length} tokens, query-{query}** ({samples} samples per cell; average over "
                   f"{', '.join(able) or 'no task'}" + (f"; the full cache fails {', '.join(failed)}" if failed else "")
                   + ")\n",
                   f"| method | {' | '.join(tasks)} | average |", "|---" * (len(tasks) + 2) + "|"]
@@ -281,13 +282,14 @@ def main(argv=None):
     add_model_flags(p)
     p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, from {', '.join(TASKS)}")
     p.add_argument("--lengths", default="4096,8192", help="prompt tokens, comma-separated")
-    p.add_argument("--samples", type=count, default=50, help="samples per task, length and protocol")
+    p.add_argument("--samples", type=count, default=50, help="samples per task, length and query setting")
     p.add_argument("--methods", default=",".join(BASELINES), help="eviction baselines, comma-separated (or none)")
     p.add_argument("--gate", help="gate checkpoint (train.py --method gate) to include")
     p.add_argument("--projections", help="MatryoshkaKV checkpoint to include (alone and with eviction)")
     p.add_argument("--compressions", default=",".join(map(str, COMPRESSIONS)), help="fractions of the cache's "
                    "bytes removed, comma-separated")
-    p.add_argument("--protocols", default="agnostic,aware", help="agnostic (compress before the question), aware")
+    p.add_argument("--query", default="agnostic,aware", help="query-agnostic (the question after the "
+                   "compression), query-aware (before it), comma-separated")
     p.add_argument("--quick", action="store_true", help="1024 tokens, 2 samples, compression 50%%")
     p.add_argument("--heatmap", action="store_true", help="needle accuracy by depth x length at 50%% compression")
     p.add_argument("--seed", type=int, default=0)
@@ -297,16 +299,16 @@ def main(argv=None):
     if args.quick and (given or args.heatmap):
         raise KVNestError(f"--quick sets --lengths, --samples and --compressions; drop "
                           f"{'--heatmap' if args.heatmap else '--' + given[0]}")
-    unused = [f for f in ("projections", "tasks", "protocols", "compressions") if getattr(args, f) != p.get_default(f)]
+    unused = [f for f in ("projections", "tasks", "query", "compressions") if getattr(args, f) != p.get_default(f)]
     if args.heatmap and unused:
         raise KVNestError(f"--heatmap scores the needle at 50% compression, query-agnostic; drop --{unused[0]}")
     if args.quick:
         args.lengths, args.samples, args.compressions = "1024", 2, "0.5"
     tasks = [t for t in args.tasks.split(",") if t]
     methods = [m for m in args.methods.split(",") if m and m != "none"]
-    protocols = [x for x in args.protocols.split(",") if x]
+    queries = [x for x in args.query.split(",") if x]
     for what, given, known in (("--tasks", tasks, TASKS), ("--methods", methods, BASELINES),
-                               ("--protocols", protocols, ("agnostic", "aware"))):
+                               ("--query", queries, ("agnostic", "aware"))):
         if not given or set(given) - set(known):
             raise KVNestError(f"{what}: unknown {sorted(set(given) - set(known)) or 'empty'}; choose from "
                               f"{', '.join(known)}")
@@ -331,11 +333,11 @@ def main(argv=None):
         (out / "retrieval_heatmap.md").write_text(text + "\n")
         return print(text)
     runs = runs_for(model, compressions, methods, args.gate, args.projections)
-    results = evaluate(model, tok, tasks, lengths, args.samples, runs, protocols, args.seed)
+    results = evaluate(model, tok, tasks, lengths, args.samples, runs, queries, args.seed)
     text = table(results, tasks, args.samples)
     (out / "retrieval.md").write_text(text + "\n")
-    (out / "retrieval.json").write_text(json.dumps({f"{n} {p}": r for (n, p), r in results.items()}, indent=1))
-    for (length, protocol), r in results.items():
+    (out / "retrieval.json").write_text(json.dumps({f"{n} {q}": r for (n, q), r in results.items()}, indent=1))
+    for (length, query), r in results.items():
         able = [t for t in tasks if r["full"][t] >= FAILED] or tasks
         curves = {}
         for name, per in r.items():
@@ -343,7 +345,7 @@ def main(argv=None):
                 method, c = name.rsplit(" ", 1)
                 curves.setdefault(method, {})[float(c[:-1]) / 100] = sum(per[t] for t in able) / len(able)
         plot_curves(curves, "compression (fraction of the cache removed)", "retrieval accuracy",
-                    f"{length} tokens, query-{protocol}", out / f"retrieval_{length}_{protocol}.png")
+                    f"{length} tokens, query-{query}", out / f"retrieval_{length}_{query}.png")
     print(text)
 
 

@@ -111,6 +111,8 @@ COMBINATIONS = [  # (script, flags, what the error says)
     ("retrieval", ["--compressions", "0.5,1"], "pass fractions in (0, 1)"),
     ("retrieval", ["--quick", "--samples", "3"], "--quick sets --lengths, --samples and --compressions; drop --samples"),
     ("retrieval", ["--heatmap", "--projections", "p.safetensors"], "--heatmap scores the needle"),
+    ("retrieval", ["--query", "agnostic,before"], "--query: unknown ['before']; choose from agnostic, aware"),
+    ("retrieval", ["--heatmap", "--query", "aware"], "query-agnostic; drop --query"),
     ("bench", ["--kinds", "full,nope"], "unknown kinds"),
     ("bench", ["--contexts", "1024,x"], "--contexts '1024,x': pass whole numbers"),
     ("bench", ["--batches", "0"], "pass whole numbers >= 1"),
