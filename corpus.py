@@ -95,20 +95,19 @@ def installed_with(requirements: Path) -> list[importlib.metadata.Distribution]:
     return [found[n] for n in sorted(found)]
 
 
-def shingles(text: str) -> set[tuple[str, ...]]:
-    """The runs of SHINGLE consecutive words of text (whitespace and line breaks ignored)."""
-    words = text.split()
+def shingles(words: list[str]) -> set[tuple[str, ...]]:
+    """The runs of SHINGLE consecutive words (text.split(): whitespace and line breaks ignored)."""
     return {tuple(words[i:i + SHINGLE]) for i in range(len(words) - SHINGLE + 1)}
 
 
 def licences(files: list[Path], held_out: str) -> list[str]:
     """The texts of the licence files, duplicates (up to whitespace) dropped, and any that shares more than
     MAX_SHARED of its word runs with the held-out licence left out."""
-    out, seen, ref = [], set(), shingles(held_out)
+    out, seen, ref = [], set(), shingles(held_out.split())
     for f in files:
         text = f.read_text(encoding="utf-8", errors="replace")
-        key = " ".join(text.split())
-        runs = shingles(text)
+        words = text.split()
+        key, runs = " ".join(words), shingles(words)
         if key in seen or not runs or len(runs & ref) > MAX_SHARED * len(runs):
             continue
         seen.add(key)
