@@ -213,7 +213,8 @@ def bench(model: Transformer, contexts: list, batches: list, steps: int, budget:
             else:
                 cache = filled_cache(model, kind, batch, context, steps + 2, budget, keep, plan=plan)
                 reset_peak(device)
-                dt, kv = measure(Decoder(model, steps + 2, compile=compile), cache, batch, context, steps), cache.nbytes()
+                decoder = Decoder(model, steps + 2, compile=compile)
+                dt, kv = measure(decoder, cache, batch, context, steps), cache.nbytes()
                 del cache
             row.update(fits=True, step_s=min(dt, row.get("step_s", dt)), slowest_s=max(dt, row.get("slowest_s", dt)),
                        kv_bytes=kv, read_bytes=kv, weight_bytes=weights,

@@ -14,7 +14,8 @@ TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_atten
 def save_tiny(folder: Path, kind: str = "llama", tie: bool = False, seed: int = 0, **extra):
     """A random tiny model saved by transformers (safetensors); returns the transformers model for reference."""
     from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
-    cfg_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM)}[kind]
+    cfg_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM),
+                          "mistral": (MistralConfig, MistralForCausalLM)}[kind]
     torch.manual_seed(seed)
     cfg = cfg_cls(**dict(TINY, tie_word_embeddings=tie, **extra))
     model = model_cls(cfg).eval()

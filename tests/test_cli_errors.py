@@ -22,7 +22,8 @@ NUMERIC = {  # script: flags that take a number
 }
 REQUIRED = {"generate": ["--prompt", "w1"], "search": ["--projections", "p.safetensors"]}
 BAD = ["abc", "nan", "inf", "-1"]  # not a number, not finite, negative: refused by every numeric flag
-ZERO_OK = {"--temperature", "--sinks", "--window", "--kl-weight", "--ce-weight", "--keep-weight", "--warmup"}  # 0 is a meaningful value of these
+# 0 is a meaningful value of these
+ZERO_OK = {"--temperature", "--sinks", "--window", "--kl-weight", "--ce-weight", "--keep-weight", "--warmup"}
 
 
 def one_line_error(script: str, argv: list, capsys) -> str:
@@ -109,7 +110,8 @@ COMBINATIONS = [  # (script, flags, what the error says)
     ("retrieval", ["--lengths", "250"], "exceed the model's context of 256"),
     ("retrieval", ["--tasks", "needle,nope"], "--tasks: unknown ['nope']"),
     ("retrieval", ["--compressions", "0.5,1"], "pass fractions in (0, 1)"),
-    ("retrieval", ["--quick", "--samples", "3"], "--quick sets --lengths, --samples and --compressions; drop --samples"),
+    ("retrieval", ["--quick", "--samples", "3"],
+     "--quick sets --lengths, --samples and --compressions; drop --samples"),
     ("retrieval", ["--heatmap", "--projections", "p.safetensors"], "--heatmap scores the needle"),
     ("retrieval", ["--query", "agnostic,before"], "--query: unknown ['before']; choose from agnostic, aware"),
     ("retrieval", ["--heatmap", "--query", "aware"], "query-agnostic; drop --query"),

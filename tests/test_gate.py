@@ -117,7 +117,8 @@ def test_evicted_entries_never_influence_outputs(llama):
         for layer in perturbed.layers:
             for g in layer.groups:
                 gone = ~g.keep.bool()[..., None]  # (B, n, T_ctx, 1)
-                g.k[:, :, :40] = torch.where(gone, g.k[:, :, :40] + 100 * torch.randn_like(g.k[:, :, :40]), g.k[:, :, :40])
+                k = g.k[:, :, :40]
+                g.k[:, :, :40] = torch.where(gone, k + 100 * torch.randn_like(k), k)
                 g.v[:, :, :40] = torch.where(gone, torch.randn_like(g.v[:, :, :40]) * 1e3, g.v[:, :, :40])
         assert torch.equal(llama(x[:, 40:], 40, perturbed), out)
         for layer in cache.layers:  # while perturbing one kept entry does change them

@@ -201,7 +201,8 @@ def test_bad_use_is_a_clear_error(llama, tiny_mistral, capsys):
 
 def test_rotated_scores_equal_scores_of_rotated_keys():
     g = torch.Generator().manual_seed(0)
-    q, K = torch.randn(2, 3, 4, 5, 16, generator=g), torch.randn(2, 3, 40, 16, generator=g)  # (B, n, G, T, D), (B, n, S, D)
+    q = torch.randn(2, 3, 4, 5, 16, generator=g)  # (B, n, G, T, D)
+    K = torch.randn(2, 3, 40, 16, generator=g)  # (B, n, S, D)
     inv_freq = 1.0 / 1e4 ** (torch.arange(0, 16, 2) / 16)
     cos, sin = rope_cos_sin(inv_freq, torch.arange(40))  # (S, D)
     ref = q @ apply_rope(K, cos, sin)[:, :, None].transpose(-1, -2)  # (B, n, G, T, S)
