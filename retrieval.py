@@ -22,10 +22,12 @@ SnapKV's observation window sees the question).
 
     python retrieval.py --quick                        # 1k tokens, 2 samples per task: minutes on 2 cores
     python retrieval.py --lengths 4096,8192 --samples 50 --gate runs/gate.safetensors \\
-        --projections runs/matryoshka.safetensors       # the full table (hours on 2 cores)
+        --projections runs/matryoshka.safetensors       # the full table (days on 2 cores: stop and rerun it,
+                                                        # it resumes from runs/retrieval_samples.jsonl)
     python retrieval.py --heatmap --lengths 1024,2048,4096 --gate runs/gate.safetensors   # depth x length
 """
 import functools
+import hashlib
 import json
 import random
 import re
@@ -222,16 +224,49 @@ def runs_for(model, compressions, methods, gate, projections) -> dict:
     return runs
 
 
-def evaluate(model, tok, tasks, lengths, samples: int, runs: dict, queries, seed: int) -> dict:
-    """{(length, query): {run: {task: mean score}}} over `samples` samples per task."""
+def evaluate(model, tok, tasks, lengths, samples: int, runs: dict, queries, seed: int,
+             log: Path | None = None, settings: dict | None = None) -> dict:
+    """{(length, query): {run: {task: mean score}}} over `samples` samples per task. With `log`, each sample's
+    scores are appended to it as soon as they are known, and the samples it holds for the same `settings` are read
+    back instead of decoded again: an interrupted run resumes where it stopped, a larger --samples adds samples."""
+    done = read_log(log, settings) if log else {}
     results = {}
     cells = [(n, q, t, i) for n in lengths for q in queries for t in tasks for i in range(samples)]
     for length, query, task, i in tqdm(cells, desc="retrieval"):
-        s = build(task, tok, length, seed * 100_003 + i)
-        for name, text in answer_all(model, tok, s, runs, query == "aware", MAX_NEW[task]).items():
-            cell = results.setdefault((length, query), {}).setdefault(name, {}).setdefault(task, [])
-            cell.append(score(text, s.answers))
+        key = f"{length} {query} {task} {i}"
+        if key not in done:
+            s = build(task, tok, length, seed * 100_003 + i)
+            answers = answer_all(model, tok, s, runs, query == "aware", MAX_NEW[task])
+            done[key] = {name: score(text, s.answers) for name, text in answers.items()}
+            if log:
+                with open(log, "a") as f:
+                    f.write(json.dumps({"sample": key, "scores": done[key]}) + "\n")
+        for name, v in done[key].items():
+            results.setdefault((length, query), {}).setdefault(name, {}).setdefault(task, []).append(v)
     return {k: {n: {t: sum(v) / len(v) for t, v in per.items()} for n, per in r.items()} for k, r in results.items()}
+
+
+def read_log(log: Path, settings: dict) -> dict:
+    """{"length query task i": {run: score}} from a sample log written for these settings (one JSON line each
+    after a first line of settings); a new log if there is none. A last line cut short by an interruption is
+    dropped; a log of other settings is refused."""
+    if not log.exists():
+        log.write_text(json.dumps({"settings": settings}) + "\n")
+        return {}
+    lines = log.read_text().split("\n")
+    try:
+        head, rows = json.loads(lines[0])["settings"], [json.loads(x) for x in lines[1:-1]]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise KVNestError(f"{log} is not a retrieval.py sample log; move it away or pass another --out-dir") from None
+    if lines[-1]:  # written up to a line's middle when the run was stopped: keep the whole lines
+        tmp = log.with_suffix(".tmp")
+        tmp.write_text("\n".join(lines[:-1]) + "\n")
+        tmp.replace(log)
+    if head != settings:
+        what = next(k for k in sorted(set(head) | set(settings)) if head.get(k) != settings.get(k))
+        raise KVNestError(f"{log} holds samples of other settings ({what} differs); pass another --out-dir, or "
+                          f"--fresh to discard them")
+    return {r["sample"]: r["scores"] for r in rows}
 
 
 def table(results: dict, tasks, samples: int) -> str:
@@ -293,13 +328,16 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="1024 tokens, 2 samples, compression 50%%")
     p.add_argument("--heatmap", action="store_true", help="needle accuracy by depth x length at 50%% compression")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out-dir", default="runs")
+    p.add_argument("--out-dir", default="runs", help="tables, plots, and retrieval_samples.jsonl: every sample's "
+                   "scores, read back by a later run of the same settings (it resumes, or adds samples)")
+    p.add_argument("--fresh", action="store_true", help="discard the samples --out-dir's log holds")
     args = p.parse_args(argv)
     given = [f for f in ("lengths", "samples", "compressions") if getattr(args, f) != p.get_default(f)]
     if args.quick and (given or args.heatmap):
         raise KVNestError(f"--quick sets --lengths, --samples and --compressions; drop "
                           f"{'--heatmap' if args.heatmap else '--' + given[0]}")
-    unused = [f for f in ("projections", "tasks", "query", "compressions") if getattr(args, f) != p.get_default(f)]
+    unused = [f for f in ("projections", "tasks", "query", "compressions", "fresh")
+              if getattr(args, f) != p.get_default(f)]
     if args.heatmap and unused:
         raise KVNestError(f"--heatmap scores the needle at 50% compression, query-agnostic; drop --{unused[0]}")
     if args.quick:
@@ -333,7 +371,13 @@ def main(argv=None):
         (out / "retrieval_heatmap.md").write_text(text + "\n")
         return print(text)
     runs = runs_for(model, compressions, methods, args.gate, args.projections)
-    results = evaluate(model, tok, tasks, lengths, args.samples, runs, queries, args.seed)
+    digest = lambda f: f and hashlib.sha256(Path(f).read_bytes()).hexdigest()[:16]  # noqa: E731
+    settings = {"model": model.fingerprint(), "dtype": args.dtype, "seed": args.seed, "runs": list(runs),
+                "gate": digest(args.gate), "projections": digest(args.projections)}
+    log = out / "retrieval_samples.jsonl"
+    if args.fresh:
+        log.unlink(missing_ok=True)
+    results = evaluate(model, tok, tasks, lengths, args.samples, runs, queries, args.seed, log, settings)
     text = table(results, tasks, args.samples)
     (out / "retrieval.md").write_text(text + "\n")
     (out / "retrieval.json").write_text(json.dumps({f"{n} {q}": r for (n, q), r in results.items()}, indent=1))

@@ -115,6 +115,7 @@ COMBINATIONS = [  # (script, flags, what the error says)
     ("retrieval", ["--heatmap", "--projections", "p.safetensors"], "--heatmap scores the needle"),
     ("retrieval", ["--query", "agnostic,before"], "--query: unknown ['before']; choose from agnostic, aware"),
     ("retrieval", ["--heatmap", "--query", "aware"], "query-agnostic; drop --query"),
+    ("retrieval", ["--heatmap", "--fresh"], "query-agnostic; drop --fresh"),
     ("bench", ["--kinds", "full,nope"], "unknown kinds"),
     ("bench", ["--contexts", "1024,x"], "--contexts '1024,x': pass whole numbers"),
     ("bench", ["--batches", "0"], "pass whole numbers >= 1"),

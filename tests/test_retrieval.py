@@ -1,6 +1,6 @@
 """retrieval.py: the generators are deterministic and their answers are right (read back from the generated text),
 the scoring is exact on hand-made answers, the shared prefill equals evicting each method on its own, and the
-suite runs end to end on a tiny model."""
+suite runs end to end on a tiny model and resumes from its sample log."""
 import re
 from collections import Counter
 
@@ -83,3 +83,30 @@ def test_the_suite_runs_end_to_end_on_a_tiny_model(tiny_llama, tmp_path, capsys)
     assert "200 tokens, query-agnostic" in text and "200 tokens, query-aware" in text
     assert "| snapkv 50.0% |" in text and "| full |" in text
     assert (tmp_path / "retrieval.md").is_file() and (tmp_path / "retrieval_200_aware.png").is_file()
+
+
+def test_an_interrupted_run_resumes_from_its_sample_log(tiny_llama, tmp_path, monkeypatch):
+    """Every sample's scores are logged as they come; a rerun reads them back (decoding only what is missing), a
+    line cut short is decoded again, and the tables equal one uninterrupted run's."""
+    import retrieval
+    from errors import KVNestError
+    flags = ["--model", str(tiny_llama[0]), "--lengths", "200", "--compressions", "0.5", "--methods", "snapkv",
+             "--tasks", "needle,multikey", "--query", "agnostic"]
+    retrieval_main(flags + ["--samples", "2", "--out-dir", str(tmp_path / "once")])
+    decoded = []
+    real = retrieval.answer_all
+    monkeypatch.setattr(retrieval, "answer_all", lambda *a, **k: decoded.append(a[2].answers) or real(*a, **k))
+    out = tmp_path / "twice"
+    retrieval_main(flags + ["--samples", "1", "--out-dir", str(out)])
+    log = out / "retrieval_samples.jsonl"
+    log.write_text(log.read_text()[:-20])  # the last sample's line cut short, as by a kill during the write
+    decoded.clear()
+    retrieval_main(flags + ["--samples", "2", "--out-dir", str(out)])
+    assert len(decoded) == 3  # multikey's sample 0 (cut short) and both tasks' sample 1; needle's sample 0 read
+    assert len(log.read_text().splitlines()) == 1 + 4
+    assert (out / "retrieval.json").read_text() == (tmp_path / "once" / "retrieval.json").read_text()
+    with pytest.raises(KVNestError, match="holds samples of other settings \\(runs differs\\); pass another"):
+        retrieval_main(flags[:-6] + ["--methods", "h2o", "--tasks", "needle", "--out-dir", str(out)])
+    decoded.clear()
+    retrieval_main(flags + ["--samples", "1", "--out-dir", str(out), "--fresh"])
+    assert len(decoded) == 2 and len(log.read_text().splitlines()) == 1 + 2
