@@ -222,6 +222,7 @@ class NewTokenGate:
         for g in layer_cache.groups:
             slots = g.length[..., None] - P + torch.arange(P, device=x.device)  # (B, n, P)
             p = g.probs[:, :, :, 0].gather(3, slots[:, :, None].expand(-1, -1, g.probs.shape[2], -1))  # (B, n, G, P)
+            p = p.float()  # renormalized and summed in fp32, as the parallel form (received_attention) does
             received[:, g.heads] = (p / p.sum(-1, keepdim=True)).sum(2)  # over the group's query heads
         keep = self.observe(x, received)
         if keep is not None:
