@@ -23,7 +23,7 @@ SnapKV's observation window sees the question).
     python retrieval.py --quick                        # 1k tokens, 2 samples per task: minutes on 2 cores
     python retrieval.py --lengths 4096,8192 --samples 50 --gate runs/gate.safetensors \\
         --projections runs/matryoshka.safetensors       # the full table (days on 2 cores: stop and rerun it,
-                                                        # it resumes from runs/retrieval_samples.jsonl)
+                                                        # it resumes from its log, runs/retrieval_<digest>.jsonl)
     python retrieval.py --heatmap --lengths 1024,2048,4096 --gate runs/gate.safetensors   # depth x length
 """
 import functools
@@ -249,7 +249,7 @@ def evaluate(model, tok, tasks, lengths, samples: int, runs: dict, queries, seed
 def read_log(log: Path, settings: dict) -> dict:
     """{"length query task i": {run: score}} from a sample log written for these settings (one JSON line each
     after a first line of settings); a new log if there is none. A last line cut short by an interruption is
-    dropped; a log of other settings is refused."""
+    dropped."""
     if not log.exists():
         log.write_text(json.dumps({"settings": settings}) + "\n")
         return {}
@@ -257,15 +257,13 @@ def read_log(log: Path, settings: dict) -> dict:
     try:
         head, rows = json.loads(lines[0])["settings"], [json.loads(x) for x in lines[1:-1]]
     except (json.JSONDecodeError, KeyError, TypeError):
-        raise KVNestError(f"{log} is not a retrieval.py sample log; move it away or pass another --out-dir") from None
+        head = rows = None
+    if head != settings:
+        raise KVNestError(f"{log} is not a sample log of these settings; pass --fresh to replace it")
     if lines[-1]:  # written up to a line's middle when the run was stopped: keep the whole lines
         tmp = log.with_suffix(".tmp")
         tmp.write_text("\n".join(lines[:-1]) + "\n")
         tmp.replace(log)
-    if head != settings:
-        what = next(k for k in sorted(set(head) | set(settings)) if head.get(k) != settings.get(k))
-        raise KVNestError(f"{log} holds samples of other settings ({what} differs); pass another --out-dir, or "
-                          f"--fresh to discard them")
     return {r["sample"]: r["scores"] for r in rows}
 
 
@@ -328,9 +326,9 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="1024 tokens, 2 samples, compression 50%%")
     p.add_argument("--heatmap", action="store_true", help="needle accuracy by depth x length at 50%% compression")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out-dir", default="runs", help="tables, plots, and retrieval_samples.jsonl: every sample's "
-                   "scores, read back by a later run of the same settings (it resumes, or adds samples)")
-    p.add_argument("--fresh", action="store_true", help="discard the samples --out-dir's log holds")
+    p.add_argument("--out-dir", default="runs", help="tables, plots, and a log of every sample's scores per "
+                   "setting (retrieval_<digest>.jsonl), read back by a later run of it: it resumes, or adds samples")
+    p.add_argument("--fresh", action="store_true", help="discard the samples logged for these settings")
     args = p.parse_args(argv)
     given = [f for f in ("lengths", "samples", "compressions") if getattr(args, f) != p.get_default(f)]
     if args.quick and (given or args.heatmap):
@@ -374,7 +372,7 @@ def main(argv=None):
     digest = lambda f: f and hashlib.sha256(Path(f).read_bytes()).hexdigest()[:16]  # noqa: E731
     settings = {"model": model.fingerprint(), "dtype": args.dtype, "seed": args.seed, "runs": list(runs),
                 "gate": digest(args.gate), "projections": digest(args.projections)}
-    log = out / "retrieval_samples.jsonl"
+    log = out / f"retrieval_{hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:10]}.jsonl"  # its own
     if args.fresh:
         log.unlink(missing_ok=True)
     results = evaluate(model, tok, tasks, lengths, args.samples, runs, queries, args.seed, log, settings)
