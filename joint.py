@@ -255,7 +255,8 @@ def main(argv=None):
     p.add_argument("--record", type=ratios, default=[0.5, 0.25, 0.125], help="budgets recorded on the way")
     p.add_argument("--data", nargs="+", help="calibration .txt/.jsonl files, FILE or FILE:WEIGHT as train.py "
                    "takes them (default: the train half of pydoc topics)")
-    p.add_argument("--calib-windows", type=count, default=1)
+    p.add_argument("--calib-windows", type=count, default=1, help="calibration windows, shared by the "
+                   "--data sources' weights (at least one from each)")
     p.add_argument("--seq-len", type=lambda t: count(t, 3), default=512, help="tokens of each window")
     p.add_argument("--ctx-len", type=count, default=384, help="context tokens of each window; the rest is scored")
     p.add_argument("--calib-len", type=lambda t: count(t, 3), help="tokens of each calibration window (default "
@@ -303,7 +304,7 @@ def main(argv=None):
     meta = {"model": model.fingerprint(), "base_model": folder, "projections": args.projections, "gate": args.gate,
             "rank_step": step, "keep_step": args.keep_step, "per_round": args.per_round,
             "shortlist": args.shortlist,
-            "calibration": f"{args.calib_windows} x {args.calib_len} ({args.calib_ctx} context)"}
+            "calibration": f"{len(calib)} x {args.calib_len} ({args.calib_ctx} context)"}
     print(write_results(out, found, results, meta, args.budget, model.args.head_dim))
     print(f"wrote {out}, {out.with_suffix('.md')}" + ("" if results is None else f", {out.with_suffix('.png')}"))
 

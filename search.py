@@ -170,7 +170,8 @@ def main(argv=None):
                    "it are recorded on the way")
     p.add_argument("--data", nargs="+", help="calibration .txt/.jsonl files, FILE or FILE:WEIGHT as train.py "
                    "takes them (default: the train half of pydoc topics)")
-    p.add_argument("--calib-windows", type=count, default=1)
+    p.add_argument("--calib-windows", type=count, default=1, help="calibration windows, shared by the "
+                   "--data sources' weights (at least one from each)")
     p.add_argument("--calib-len", type=count, default=256)
     p.add_argument("--step", type=count, default=None, help="rank decrement (default head_dim / 8)")
     p.add_argument("--min-rank", type=count, default=None, help="lowest rank a head may get (default: --step)")
@@ -192,7 +193,7 @@ def main(argv=None):
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"model": model.fingerprint(), "base_model": folder, "projections": args.projections,
-            "step": step, "per_round": args.per_round, "calibration": f"{args.calib_windows} x {args.calib_len}"}
+            "step": step, "per_round": args.per_round, "calibration": f"{len(windows)} x {args.calib_len}"}
     write_results(found, out, meta, args.budget)
     print(out.with_suffix(".md").read_text())
     print(f"wrote {out}, {out.with_suffix('.md')} and {len(found)} heatmaps")

@@ -127,6 +127,7 @@ def test_train_on_a_mix_search_and_score_every_kind_of_text(tiny_llama, word_tex
     train_main(model + mix + ["--steps", "3", "--seq-len", "32", "--calib-windows", "2", "--out", ckpt,
                               "--no-table"])
     search_main(model + mix + ["--projections", ckpt, "--budget", "0.5", "--calib-len", "32", "--out", ranks])
+    assert json.loads((tmp_path / "r.json").read_text())["calibration"] == "2 x 32"  # one window from each source
     capsys.readouterr()
     domains_main(model + ["--projections", ckpt, "--ranks", ranks, "--texts", str(word_text), str(other),
                           "--budgets", "0.5", "--windows", "2", "--seq-len", "64", "--out-dir", str(tmp_path)])
