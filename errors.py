@@ -3,7 +3,8 @@
 A user error (a missing file, a ratio outside (0, 1], a checkpoint for another model) is a `KVNestError` whose
 message names the problem and the fix; model.py raises its own `ModelError` (a sequence longer than its cache: it
 imports nothing of kvnest, so that it can be copied alone). Scripts print either as one line, `error: ...`, and
-exit with status 2; so do bad flags, through `Parser`, whose argument types below check a value once for every script that uses them.
+exit with status 2; so do bad flags, through `Parser`, whose argument types below check a value once for every
+script that uses them.
 """
 import argparse
 import math
