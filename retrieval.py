@@ -22,7 +22,7 @@ SnapKV's observation window sees the question).
 
     python retrieval.py --quick                        # 1k tokens, 2 samples per task: minutes on 2 cores
     python retrieval.py --lengths 4096,8192 --samples 50 --gate runs/gate.safetensors \\
-        --projections runs/matryoshka.safetensors       # the full table (days on 2 cores: stop and rerun it,
+        --projections runs/matryoshka.safetensors       # the full table (weeks on 2 cores: stop and rerun it,
                                                         # it resumes from its log, runs/retrieval_<digest>.jsonl)
     python retrieval.py --heatmap --lengths 1024,2048,4096 --gate runs/gate.safetensors   # depth x length
 """
