@@ -12,6 +12,10 @@ ranks at every budget of the sweep it passes (each hit exactly: decrements are a
 
 A candidate at layer l changes nothing before l, so its forward restarts from the cached input of layer l.
 
+The batched greedy ranks each decrement by its cost alone; at low ranks the costs compound and it misses better
+ranks. `--refine N` then runs N rounds of swap refinement at the target: one rank step moves from one unit to
+another (the bytes stay the same) where that lowers the calibration KL.
+
     python search.py --projections runs/matryoshka.safetensors --budget 0.25   # writes runs/ranks.json + PNGs
 """
 import json
@@ -23,7 +27,7 @@ from tqdm import tqdm
 
 from assets import load_mix, mixed_windows
 from compress import Projections, budget_of, load_projections
-from errors import KVNestError, Parser, check_ratio, count, ratio, run_cli
+from errors import KVNestError, Parser, check_ratio, count, ratio, run_cli, size
 from eval import SWEEP_BUDGETS
 from flags import add_model_flags, model_from_flags
 from losses import kl_and_top1
@@ -123,6 +127,51 @@ def greedy_search(model: Transformer, proj: Projections, windows: torch.Tensor, 
     return found
 
 
+@torch.no_grad()
+def swap_refine(model: Transformer, proj: Projections, windows: torch.Tensor, entry: dict, step: int,
+                min_rank: int, rounds: int, tries: int = 16) -> dict:
+    """Local search at the bytes of `entry` ({"k", "v", "kl"}): move one rank step from one unit to another.
+
+    The batched greedy ranks each decrement by what it costs alone, and those costs compound at low ranks. Each
+    round here measures every unit one step up and one step down (the others unchanged), predicts the change of a
+    swap (one unit up, another down; the bytes stay the same) as the sum of the two, and measures the `tries`
+    best predicted swaps in that order on the current ranks, keeping each one that lowers the KL. It stops after
+    `rounds` rounds or a round that keeps none, so the KL it returns is never above the entry's."""
+    D, L, H = model.args.head_dim, model.args.n_layers, model.args.n_kv_heads
+    ranks = {"k": torch.tensor(entry["k"]), "v": torch.tensor(entry["v"])}
+    runner = SuffixRunner(model, proj, windows)
+
+    def measure(changes: list, keep_inputs: bool = False) -> float:
+        """KL with `changes` [(kind, layer, head, delta)] applied; they stay applied only if keep_inputs."""
+        for kind, layer, head, d in changes:
+            ranks[kind][layer, head] += d
+        runner.set_ranks(ranks["k"], ranks["v"])
+        kl = runner.kl(min(c[1] for c in changes) if changes else 0, keep_inputs)
+        if not keep_inputs:
+            for kind, layer, head, d in changes:
+                ranks[kind][layer, head] -= d
+        return kl
+
+    kl, units = measure([], keep_inputs=True), [(k, l, h) for k in "kv" for l in range(L) for h in range(H)]
+    for _ in tqdm(range(rounds), desc="swap refine"):
+        up = sorted((measure([(*u, step)]) - kl, u) for u in units if ranks[u[0]][u[1:]] + step <= D)
+        down = sorted((measure([(*u, -step)]) - kl, u) for u in units if ranks[u[0]][u[1:]] - step >= min_rank)
+        pairs = sorted((gu + gd, a, b) for gu, a in up for gd, b in down if a != b and gu + gd < 0)
+        moved, measured, kept = set(), 0, 0
+        for _, a, b in pairs:
+            if measured == tries:
+                break
+            if a in moved or b in moved:  # its prediction is stale: one of its units moved this round
+                continue
+            swap, measured = [(*a, step), (*b, -step)], measured + 1
+            if measure(swap) < kl:
+                kl, kept = measure(swap, keep_inputs=True), kept + 1
+                moved |= {a, b}
+        if not kept:
+            break
+    return {"k": ranks["k"].tolist(), "v": ranks["v"].tolist(), "kl": kl}
+
+
 def write_results(found: dict, path: Path, meta: dict, target: float) -> None:
     """ranks JSON (what eval.py and model.py read), a markdown summary, and one heatmap PNG per budget."""
     data = dict(meta, target=f"{target:g}", budgets={f"{b:g}": v for b, v in found.items()})
@@ -136,6 +185,8 @@ def write_results(found: dict, path: Path, meta: dict, target: float) -> None:
         fmt = lambda r: " ".join("/".join(str(x) for x in row) for row in r)  # noqa: E731
         lines.append(f"| {b:.1%} | {e['kl']:.4f} | {k.mean():.1f} | {v.mean():.1f} | {fmt(e['k'])} | {fmt(e['v'])} |")
         plot_ranks(e["k"], e["v"], b, path.with_name(f"{path.stem}_{b:g}.png"))
+    lines += [f"\nSwap refinement at {b:.1%}: calibration KL {e['greedy']['kl']:.4f} (greedy) -> {e['kl']:.4f}"
+              for b, e in found.items() if "greedy" in e]
     path.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
@@ -177,6 +228,9 @@ def main(argv=None):
     p.add_argument("--min-rank", type=count, default=None, help="lowest rank a head may get (default: --step)")
     p.add_argument("--per-round", type=count, default=None, help="decrements per round (1 = the exact greedy; "
                    "default 64, or half the model's K and V ranks if fewer; at most their number minus 1)")
+    p.add_argument("--refine", type=size, default=0, help="rounds of swap refinement at --budget after the "
+                   "greedy (each measures every rank one step up and down: about two greedy rounds; 0 = none)")
+    p.add_argument("--refine-tries", type=count, default=16, help="swaps measured per refinement round")
     p.add_argument("--out", default="runs/ranks.json")
     args = p.parse_args(argv)
     model, tok, folder = model_from_flags(args)
@@ -190,10 +244,14 @@ def main(argv=None):
     step = args.step or max(1, model.args.head_dim // 8)
     with torch.no_grad():
         found = greedy_search(model, proj, windows, args.budget, step, args.per_round, min_rank=args.min_rank)
+        if args.refine > 0:
+            greedy = found[args.budget]
+            found[args.budget] = dict(swap_refine(model, proj, windows, greedy, step, args.min_rank or step,
+                                                  args.refine, args.refine_tries), greedy=greedy)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"model": model.fingerprint(), "base_model": folder, "projections": args.projections,
-            "step": step, "per_round": args.per_round, "calibration": f"{len(windows)} x {args.calib_len}"}
+    meta = {"model": model.fingerprint(), "base_model": folder, "projections": args.projections, "step": step,
+            "per_round": args.per_round, "refine": args.refine, "calibration": f"{len(windows)} x {args.calib_len}"}
     write_results(found, out, meta, args.budget)
     print(out.with_suffix(".md").read_text())
     print(f"wrote {out}, {out.with_suffix('.md')} and {len(found)} heatmaps")
