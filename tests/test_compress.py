@@ -287,10 +287,15 @@ def test_scripts_end_to_end_on_a_tiny_model(tiny_llama, word_text, tmp_path):
     common = ["--data", str(word_text)]
     run("train.py", *common, "--eval-data", str(word_text), "--steps", "4", "--seq-len", "32", "--calib-windows",
         "2", "--out", ckpt)
-    run("search.py", *common, "--projections", ckpt, "--budget", "0.25", "--calib-len", "32", "--out", ranks)
+    run("search.py", *common, "--projections", ckpt, "--budget", "0.25", "--calib-len", "32", "--refine", "1",
+        "--out", ranks)
     assert Path(ranks).with_name("ranks_0.5.png").stat().st_size > 1000
-    k, v = load_ranks(ranks, load_model(folder), 0.375)
-    assert budget_of(k, v, 16) == 0.375
+    for budget in (0.375, 0.25):  # the greedy's, and the refined target
+        k, v = load_ranks(ranks, load_model(folder), budget)
+        assert budget_of(k, v, 16) == budget
+    target = json.loads(Path(ranks).read_text())["budgets"]["0.25"]
+    assert target["kl"] <= target["greedy"]["kl"] and "Swap refinement at 25.0%" in Path(ranks).with_suffix(
+        ".md").read_text()
     table = run("eval.py", *common, "--projections", ckpt, "--ranks", ranks, "--sweep", "--windows", "2",
                 "--seq-len", "64", "--out-dir", str(tmp_path))
     assert "trained, searched" in table and (tmp_path / "sweep.png").stat().st_size > 1000
