@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from compress import Projections, uniform_ranks
-from errors import KVNestError, Parser, count, integers, ratio, run_cli
+from errors import INSTALL_TRANSFORMERS, KVNestError, Parser, count, integers, ratio, run_cli
 from evict import kept_count, layer_keep
 from flags import add_model_flags, check_device, model_from_flags
 from kernels import Decoder
@@ -101,7 +101,10 @@ def filled_cache(model: Transformer, kind: str, batch: int, context: int, room: 
 def peer_model(model: Transformer, folder: str | None):
     """transformers' own LlamaForCausalLM / MistralForCausalLM of the same model: loaded from the folder, or with
     random weights of the same shape (speed does not depend on the values). transformers is needed only here."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig
+    try:
+        from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig
+    except ImportError:
+        raise KVNestError(f"--peer needs transformers: {INSTALL_TRANSFORMERS}") from None
     p, a = model.lm_head.weight, model.args
     if folder is not None:
         return AutoModelForCausalLM.from_pretrained(folder, dtype=p.dtype).to(p.device).eval()

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from assets import load_text, token_windows
-from errors import KVNestError, Parser, count, run_cli
+from errors import INSTALL_TRANSFORMERS, KVNestError, Parser, count, run_cli
 from flags import (add_compression_flags, add_model_flags, add_protocol_flags, compression_from_flags,
                    model_from_flags, protocol_from_flags)
 from losses import kl_and_top1
@@ -190,7 +190,7 @@ def score_transformers(folder, model: Transformer, windows: torch.Tensor, ctx_le
         from transformers import AutoModelForCausalLM
         from hf import compress_cache
     except ImportError:
-        raise KVNestError("--transformers needs transformers; pip install transformers") from None
+        raise KVNestError(f"--transformers needs transformers: {INSTALL_TRANSFORMERS}") from None
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=model.lm_head.weight.dtype).to(model.inv_freq.device)
     tally, start = Tally(), ctx_len or 1
     with compress_cache(hf.eval(), **compression) as attached:

@@ -153,7 +153,8 @@ def swap_refine(model: Transformer, proj: Projections, windows: torch.Tensor, en
         return kl
 
     kl, units = measure([], keep_inputs=True), [(k, l, h) for k in "kv" for l in range(L) for h in range(H)]
-    for _ in tqdm(range(rounds), desc="swap refine"):
+    bar = tqdm(range(rounds), desc="swap refine")
+    for _ in bar:
         up = sorted((measure([(*u, step)]) - kl, u) for u in units if ranks[u[0]][u[1:]] + step <= D)
         down = sorted((measure([(*u, -step)]) - kl, u) for u in units if ranks[u[0]][u[1:]] - step >= min_rank)
         pairs = sorted((gu + gd, a, b) for gu, a in up for gd, b in down if a != b and gu + gd < 0)
@@ -167,6 +168,7 @@ def swap_refine(model: Transformer, proj: Projections, windows: torch.Tensor, en
             if measure(swap) < kl:
                 kl, kept = measure(swap, keep_inputs=True), kept + 1
                 moved |= {a, b}
+        bar.set_postfix(kl=f"{kl:.4f}", kept=kept)
         if not kept:
             break
     return {"k": ranks["k"].tolist(), "v": ranks["v"].tolist(), "kl": kl}

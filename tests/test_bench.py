@@ -1,7 +1,11 @@
 """bench.py measures every cache kind side by side; its byte counts are those of the cache tensors."""
+import sys
+
+import pytest
 import torch
 
-from bench import KINDS, bench, bytes_per_token_of, capacity, table
+from bench import KINDS, bench, bytes_per_token_of, capacity, peer_model, table
+from errors import KVNestError
 from weights import load_model
 
 
@@ -53,7 +57,7 @@ def test_filled_caches_decode_like_prefilled_ones(tiny_llama):
 def test_the_peer_row_is_transformers_decode_with_the_same_cache_bytes(tiny_llama):
     """--peer: transformers' own decode of the same model, timed in the same run; its StaticCache holds what
     kvnest's full cache holds."""
-    from bench import PEER, bytes_per_token_of, peer_model
+    from bench import PEER
     model = load_model(tiny_llama[0])
     per_token = bytes_per_token_of(model, 0.5, 0.5, ["full"])
     per_token[PEER] = per_token["full"]
@@ -62,3 +66,9 @@ def test_the_peer_row_is_transformers_decode_with_the_same_cache_bytes(tiny_llam
     full, peer = rows
     assert peer["kind"] == PEER and peer["fits"] and peer["step_s"] > 0
     assert peer["kv_bytes"] == full["kv_bytes"] == 2 * (64 + 4) * 2 * 2 * 2 * 16 * 4
+
+
+def test_the_peer_without_transformers_is_one_line(tiny_llama, monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if it were not installed
+    with pytest.raises(KVNestError, match="--peer needs transformers: pip install 'transformers>=5,<5.25'"):
+        peer_model(load_model(tiny_llama[0]), str(tiny_llama[0]))

@@ -339,5 +339,5 @@ def test_eval_through_transformers_without_transformers_is_one_line(tiny_llama, 
     from eval import score_transformers
     monkeypatch.setitem(sys.modules, "transformers", None)  # as if it were not installed
     monkeypatch.delitem(sys.modules, "hf", raising=False)
-    with pytest.raises(KVNestError, match="--transformers needs transformers; pip install transformers"):
+    with pytest.raises(KVNestError, match="--transformers needs transformers: pip install 'transformers>=5,<5.25'"):
         score_transformers(tiny_llama[0], load_model(tiny_llama[0]), tokens(32, 1), None)
