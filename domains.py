@@ -84,19 +84,19 @@ def read_run(run_dir: str) -> tuple[str, dict]:
     return label, {text: {k if k == "full" else float(k): v for k, v in row.items()} for text, row in scores.items()}
 
 
-def compare_table(runs: dict) -> str:
-    """Markdown: one row per text and budget, one column per run (trained, uniform); runs = {label: scores}."""
+def compare_table(runs: dict, setting: str) -> str:
+    """Markdown: one row per text and budget, one column per run (`setting`); runs = {label: scores}."""
     first = next(iter(runs.values()))
     lines = [f"| text | full | budget | {' | '.join(runs)} |", "|---" * (len(runs) + 3) + "|"]
     for text, row in first.items():
         for budget in (b for b in row if b != "full"):
-            cells = [cell_text(s[text][budget][SETTINGS[1]], s[text]["full"]) for s in runs.values()]
+            cells = [cell_text(s[text][budget][setting], s[text]["full"]) for s in runs.values()]
             lines.append(f"| {Path(text).name} | {row['full']:.2f} | {budget:.1%} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
 
-def compare_plot(runs: dict, path: Path) -> None:
-    """x full perplexity (trained, uniform) per run, one panel per budget and one line per text."""
+def compare_plot(runs: dict, path: Path, setting: str) -> None:
+    """x full perplexity (`setting`) per run, one panel per budget and one line per text."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -106,11 +106,11 @@ def compare_plot(runs: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(budgets), figsize=(width * len(budgets), 4), squeeze=False)
     for ax, budget in zip(axes[0], budgets):
         for text in first:
-            ys = [s[text][budget][SETTINGS[1]]["perplexity"] / s[text]["full"] for s in runs.values()]
+            ys = [s[text][budget][setting]["perplexity"] / s[text]["full"] for s in runs.values()]
             ax.plot(range(len(runs)), ys, marker="o", label=Path(text).name)
         ax.set_xticks(range(len(runs)), [label.replace(" + ", "\n+ ").replace(", ", "\n") for label in runs],
                       fontsize=7)
-        ax.set(ylabel="perplexity / full model's", title=f"trained, uniform ranks, budget {budget:.1%}")
+        ax.set(ylabel="perplexity / full model's", title=f"{setting} ranks, budget {budget:.1%}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -118,8 +118,8 @@ def compare_plot(runs: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def compare(run_dirs: list, out: Path) -> str:
-    """Earlier domains.py runs side by side: compare.md, compare.png in `out`; returns the table."""
+def compare(run_dirs: list, out: Path, setting: str = SETTINGS[1]) -> str:
+    """Earlier domains.py runs side by side (`setting`): compare.md, compare.png in `out`; returns the table."""
     if len(set(run_dirs)) < len(run_dirs):
         raise KVNestError("--compare: a run is named twice; pass each once")
     labels, scores = zip(*(read_run(d) for d in run_dirs))
@@ -130,10 +130,14 @@ def compare(run_dirs: list, out: Path) -> str:
     if any(k != keys[0] for k in keys):
         raise KVNestError("--compare: the runs scored different texts or budgets; score each with the same "
                           "--texts and --budgets")
-    table = compare_table(runs)
+    if any(setting not in cell for s in runs.values() for row in s.values() for b, cell in row.items()
+           if b != "full"):
+        raise KVNestError(f"--compare: a run has no '{setting}' column; score each with --ranks, or compare "
+                          f"'{SETTINGS[1]}'")
+    table = compare_table(runs, setting)
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare.md").write_text(table + "\n")
-    compare_plot(runs, out / "compare.png")
+    compare_plot(runs, out / "compare.png", setting)
     return table
 
 
@@ -161,15 +165,19 @@ def main(argv=None):
     p.add_argument("--seq-len", type=lambda s: count(s, 2), default=512)
     p.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="instead of scoring: earlier runs' --out-dir "
                    "side by side (one column per training mix) in compare.md and compare.png")
+    p.add_argument("--column", choices=("uniform", "searched"), help="with --compare: the trained projections "
+                   "at uniform ranks (the default) or at the ranks of each run's --ranks")
     p.add_argument("--out-dir", default="runs", help="where domains.md, .json and .png go")
     args = p.parse_args(argv)
     if args.compare:
         scoring = [f"--{k.replace('_', '-')}" for k in vars(args)
-                   if k not in ("compare", "out_dir") and getattr(args, k) != p.get_default(k)]
+                   if k not in ("compare", "out_dir", "column") and getattr(args, k) != p.get_default(k)]
         if scoring:
             raise KVNestError(f"--compare reads earlier results; {' '.join(scoring)} would score anew: drop it")
-        print(compare(args.compare, Path(args.out_dir)))
+        print(compare(args.compare, Path(args.out_dir), f"trained, {args.column or 'uniform'}"))
         return
+    if args.column:
+        raise KVNestError("--column picks what --compare shows; pass --compare RUN_DIR... or drop it")
     if not args.projections:
         raise KVNestError("pass --projections CKPT (a python train.py checkpoint) to score, or --compare RUN_DIR...")
     if max(args.budgets) >= 1:

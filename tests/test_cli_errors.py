@@ -103,6 +103,7 @@ COMBINATIONS = [  # (script, flags, what the error says)
     ("domains", ["--projections", "p.safetensors", "--seq-len", "300"], "exceeds the model's context of 256"),
     ("domains", [], "pass --projections CKPT (a python train.py checkpoint) to score, or --compare"),
     ("domains", ["--compare", "runs/a", "--texts", "x.txt"], "--model --texts would score anew: drop it"),
+    ("domains", ["--column", "searched", "--projections", "p"], "--column picks what --compare shows"),
     ("passkey", ["--methods", "gate"], "unknown gate; choose from"),
     ("passkey", ["--budget", "0.5"], "pass --projections too"),
     ("passkey", ["--length", "300"], "exceeds the model's context of 256"),

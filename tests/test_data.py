@@ -166,6 +166,15 @@ def test_train_on_a_mix_search_and_score_every_kind_of_text(tiny_llama, word_tex
     (again / "domains.json").write_text((one / "domains.json").read_text())
     domains_main(["--compare", str(one), str(again), "--out-dir", str(tmp_path / "both")])
     assert f"| words 100%, 2 steps ({one}) | words 100%, 2 steps ({again}) |" in capsys.readouterr().out
+    with pytest.raises(KVNestError, match="a run has no 'trained, searched' column"):
+        domains_main(["--compare", str(tmp_path), str(one), "--column", "searched"])
+    twin = tmp_path / "twin"  # the searched column of the first run, twice
+    twin.mkdir()
+    (twin / "domains.json").write_text((tmp_path / "domains.json").read_text())
+    domains_main(["--compare", str(tmp_path), str(twin), "--column", "searched", "--out-dir", str(twin)])
+    ppl = record["scores"][str(other)]["0.5"]["trained, searched"]["perplexity"]
+    assert next(r for r in capsys.readouterr().out.splitlines() if r.startswith("| other.txt |")).count(
+        f"| {ppl:.2f} (") == 2
     with pytest.raises(KVNestError, match="a run is named twice"):
         domains_main(["--compare", str(one), str(one)])
     with pytest.raises(KVNestError, match="nope/domains.json is not a domains.py result"):
