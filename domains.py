@@ -108,8 +108,8 @@ def compare_plot(runs: dict, path: Path, setting: str) -> None:
         for text in first:
             ys = [s[text][budget][setting]["perplexity"] / s[text]["full"] for s in runs.values()]
             ax.plot(range(len(runs)), ys, marker="o", label=Path(text).name)
-        ax.set_xticks(range(len(runs)), [label.replace(" + ", "\n+ ").replace(", ", "\n") for label in runs],
-                      fontsize=7)
+        labels = [label.replace(" + ", "\n+ ").replace(", ", "\n").replace(" (", "\n(") for label in runs]
+        ax.set_xticks(range(len(runs)), labels, fontsize=7)
         ax.set(ylabel="perplexity / full model's", title=f"{setting} ranks, budget {budget:.1%}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

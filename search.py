@@ -14,9 +14,11 @@ A candidate at layer l changes nothing before l, so its forward restarts from th
 
 The batched greedy ranks each decrement by its cost alone; at low ranks the costs compound and it misses better
 ranks. `--refine N` then runs N rounds of swap refinement at the target: one rank step moves from one unit to
-another (the bytes stay the same) where that lowers the calibration KL.
+another (the bytes stay the same) where that lowers the calibration KL. With `--start RANKS` it refines the
+ranks of an earlier search at --budget instead of searching anew.
 
     python search.py --projections runs/matryoshka.safetensors --budget 0.25   # writes runs/ranks.json + PNGs
+    python search.py --projections runs/matryoshka.safetensors --budget 0.25 --refine 3   # + swap refinement
 """
 import json
 from dataclasses import replace
@@ -26,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from assets import load_mix, mixed_windows
-from compress import Projections, budget_of, load_projections
+from compress import Projections, budget_of, load_projections, load_ranks
 from errors import KVNestError, Parser, check_ratio, count, ratio, run_cli, size
 from eval import SWEEP_BUDGETS
 from flags import add_model_flags, model_from_flags
@@ -130,13 +132,14 @@ def greedy_search(model: Transformer, proj: Projections, windows: torch.Tensor, 
 @torch.no_grad()
 def swap_refine(model: Transformer, proj: Projections, windows: torch.Tensor, entry: dict, step: int,
                 min_rank: int, rounds: int, tries: int = 16) -> dict:
-    """Local search at the bytes of `entry` ({"k", "v", "kl"}): move one rank step from one unit to another.
+    """Local search at the bytes of `entry` ({"k", "v"}): move one rank step from one unit to another.
 
     The batched greedy ranks each decrement by what it costs alone, and those costs compound at low ranks. Each
     round here measures every unit one step up and one step down (the others unchanged), predicts the change of a
     swap (one unit up, another down; the bytes stay the same) as the sum of the two, and measures the `tries`
     best predicted swaps in that order on the current ranks, keeping each one that lowers the KL. It stops after
-    `rounds` rounds or a round that keeps none, so the KL it returns is never above the entry's."""
+    `rounds` rounds or a round that keeps none, so the KL it returns is never above the entry's. Returns
+    {"k", "v", "kl", "start"}, where "start" holds the entry's ranks and their KL."""
     D, L, H = model.args.head_dim, model.args.n_layers, model.args.n_kv_heads
     ranks = {"k": torch.tensor(entry["k"]), "v": torch.tensor(entry["v"])}
     runner = SuffixRunner(model, proj, windows)
@@ -153,6 +156,7 @@ def swap_refine(model: Transformer, proj: Projections, windows: torch.Tensor, en
         return kl
 
     kl, units = measure([], keep_inputs=True), [(k, l, h) for k in "kv" for l in range(L) for h in range(H)]
+    start = {"k": entry["k"], "v": entry["v"], "kl": kl}
     bar = tqdm(range(rounds), desc="swap refine")
     for _ in bar:
         up = sorted((measure([(*u, step)]) - kl, u) for u in units if ranks[u[0]][u[1:]] + step <= D)
@@ -171,7 +175,7 @@ def swap_refine(model: Transformer, proj: Projections, windows: torch.Tensor, en
         bar.set_postfix(kl=f"{kl:.4f}", kept=kept)
         if not kept:
             break
-    return {"k": ranks["k"].tolist(), "v": ranks["v"].tolist(), "kl": kl}
+    return {"k": ranks["k"].tolist(), "v": ranks["v"].tolist(), "kl": kl, "start": start}
 
 
 def write_results(found: dict, path: Path, meta: dict, target: float) -> None:
@@ -187,8 +191,8 @@ def write_results(found: dict, path: Path, meta: dict, target: float) -> None:
         fmt = lambda r: " ".join("/".join(str(x) for x in row) for row in r)  # noqa: E731
         lines.append(f"| {b:.1%} | {e['kl']:.4f} | {k.mean():.1f} | {v.mean():.1f} | {fmt(e['k'])} | {fmt(e['v'])} |")
         plot_ranks(e["k"], e["v"], b, path.with_name(f"{path.stem}_{b:g}.png"))
-    lines += [f"\nSwap refinement at {b:.1%}: calibration KL {e['greedy']['kl']:.4f} (greedy) -> {e['kl']:.4f}"
-              for b, e in found.items() if "greedy" in e]
+    lines += [f"\nSwap refinement at {b:.1%}: calibration KL {e['start']['kl']:.4f} -> {e['kl']:.4f}"
+              for b, e in found.items() if "start" in e]
     path.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
@@ -231,13 +235,21 @@ def main(argv=None):
     p.add_argument("--per-round", type=count, default=None, help="decrements per round (1 = the exact greedy; "
                    "default 64, or half the model's K and V ranks if fewer; at most their number minus 1)")
     p.add_argument("--refine", type=size, default=0, help="rounds of swap refinement at --budget after the "
-                   "greedy (each measures every rank one step up and down: about two greedy rounds; 0 = none)")
+                   "greedy or from --start (each measures every rank one step up and down: about two greedy rounds; 0 = none)")
     p.add_argument("--refine-tries", type=count, default=16, help="swaps measured per refinement round")
+    p.add_argument("--start", help="a search.py ranks file: refine its ranks at --budget instead of a new greedy "
+                   "search (with --refine; they may come from other projections)")
     p.add_argument("--out", default="runs/ranks.json")
     args = p.parse_args(argv)
     model, tok, folder = model_from_flags(args)
     if args.calib_len > model.args.max_seq_len:
         raise KVNestError(f"--calib-len {args.calib_len} exceeds the model's context of {model.args.max_seq_len}")
+    if args.refine_tries != p.get_default("refine_tries") and not args.refine:
+        raise KVNestError("--refine-tries sets the swap refinement: pass --refine N (rounds) too, or drop it")
+    if args.start and not args.refine:
+        raise KVNestError("--start names ranks to refine: pass --refine N (rounds) too")
+    if args.start and args.per_round is not None:
+        raise KVNestError("--per-round sets the greedy search, which --start skips: drop one of them")
     args.per_round = args.per_round or min(64, model.args.n_layers * model.args.n_kv_heads)
     check_per_round(model, args.per_round)
     proj, _, _ = load_projections(args.projections, model)
@@ -245,15 +257,18 @@ def main(argv=None):
     windows = mixed_windows(sources, args.calib_len, args.calib_windows)
     step = args.step or max(1, model.args.head_dim // 8)
     with torch.no_grad():
-        found = greedy_search(model, proj, windows, args.budget, step, args.per_round, min_rank=args.min_rank)
+        if args.start:
+            found = {args.budget: dict(zip("kv", (r.tolist() for r in load_ranks(args.start, model, args.budget))))}
+        else:
+            found = greedy_search(model, proj, windows, args.budget, step, args.per_round, min_rank=args.min_rank)
         if args.refine > 0:
-            greedy = found[args.budget]
-            found[args.budget] = dict(swap_refine(model, proj, windows, greedy, step, args.min_rank or step,
-                                                  args.refine, args.refine_tries), greedy=greedy)
+            found[args.budget] = swap_refine(model, proj, windows, found[args.budget], step, args.min_rank or step,
+                                             args.refine, args.refine_tries)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"model": model.fingerprint(), "base_model": folder, "projections": args.projections, "step": step,
-            "per_round": args.per_round, "refine": args.refine, "calibration": f"{len(windows)} x {args.calib_len}"}
+            "per_round": None if args.start else args.per_round, "start": args.start, "refine": args.refine,
+            "calibration": f"{len(windows)} x {args.calib_len}"}
     write_results(found, out, meta, args.budget)
     print(out.with_suffix(".md").read_text())
     print(f"wrote {out}, {out.with_suffix('.md')} and {len(found)} heatmaps")

@@ -290,12 +290,18 @@ def test_scripts_end_to_end_on_a_tiny_model(tiny_llama, word_text, tmp_path):
     run("search.py", *common, "--projections", ckpt, "--budget", "0.25", "--calib-len", "32", "--refine", "1",
         "--out", ranks)
     assert Path(ranks).with_name("ranks_0.5.png").stat().st_size > 1000
-    for budget in (0.375, 0.25):  # the greedy's, and the refined target
+    for budget in (0.25, 0.375):  # the refined target, and the greedy's 37.5% on the way
         k, v = load_ranks(ranks, load_model(folder), budget)
         assert budget_of(k, v, 16) == budget
     target = json.loads(Path(ranks).read_text())["budgets"]["0.25"]
-    assert target["kl"] <= target["greedy"]["kl"] and "Swap refinement at 25.0%" in Path(ranks).with_suffix(
+    assert target["kl"] <= target["start"]["kl"] and "Swap refinement at 25.0%" in Path(ranks).with_suffix(
         ".md").read_text()
+    refined = str(tmp_path / "refined.json")  # refine the greedy's 37.5% ranks without a new search
+    run("search.py", *common, "--projections", ckpt, "--budget", "0.375", "--calib-len", "32", "--refine", "1",
+        "--start", ranks, "--out", refined)
+    entry = json.loads(Path(refined).read_text())["budgets"]["0.375"]
+    assert entry["start"]["k"] == k.tolist() and entry["start"]["v"] == v.tolist() and entry["kl"] <= entry[
+        "start"]["kl"] == pytest.approx(json.loads(Path(ranks).read_text())["budgets"]["0.375"]["kl"], rel=1e-5)
     table = run("eval.py", *common, "--projections", ckpt, "--ranks", ranks, "--sweep", "--windows", "2",
                 "--seq-len", "64", "--out-dir", str(tmp_path))
     assert "trained, searched" in table and (tmp_path / "sweep.png").stat().st_size > 1000
