@@ -235,7 +235,8 @@ def main(argv=None):
     p.add_argument("--per-round", type=count, default=None, help="decrements per round (1 = the exact greedy; "
                    "default 64, or half the model's K and V ranks if fewer; at most their number minus 1)")
     p.add_argument("--refine", type=size, default=0, help="rounds of swap refinement at --budget after the "
-                   "greedy or from --start (each measures every rank one step up and down: about two greedy rounds; 0 = none)")
+                   "greedy or from --start (each measures every rank one step up and down: about two greedy "
+                   "rounds; 0 = none)")
     p.add_argument("--refine-tries", type=count, default=16, help="swaps measured per refinement round")
     p.add_argument("--start", help="a search.py ranks file: refine its ranks at --budget instead of a new greedy "
                    "search (with --refine; they may come from other projections)")
