@@ -132,8 +132,8 @@ def compare(run_dirs: list, out: Path, setting: str = SETTINGS[1]) -> str:
                           "--texts and --budgets")
     if any(setting not in cell for s in runs.values() for row in s.values() for b, cell in row.items()
            if b != "full"):
-        raise KVNestError(f"--compare: a run has no '{setting}' column; score each with --ranks, or compare "
-                          f"'{SETTINGS[1]}'")
+        raise KVNestError(f"--compare: a run has no '{setting}' column; score each run with --ranks, or drop "
+                          f"--column")
     table = compare_table(runs, setting)
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare.md").write_text(table + "\n")
@@ -174,7 +174,8 @@ def main(argv=None):
                    if k not in ("compare", "out_dir", "column") and getattr(args, k) != p.get_default(k)]
         if scoring:
             raise KVNestError(f"--compare reads earlier results; {' '.join(scoring)} would score anew: drop it")
-        print(compare(args.compare, Path(args.out_dir), f"trained, {args.column or 'uniform'}"))
+        column = {"uniform": SETTINGS[1], "searched": SETTINGS[2]}[args.column or "uniform"]
+        print(compare(args.compare, Path(args.out_dir), column))
         return
     if args.column:
         raise KVNestError("--column picks what --compare shows; pass --compare RUN_DIR... or drop it")

@@ -20,7 +20,8 @@ class KVNestError(ValueError):
 USER_ERRORS = (KVNestError, ModelError)
 
 # transformers 5.25 imports a PyPI package named `kernels` at start; kvnest's kernels.py, first on the path, shadows it
-INSTALL_TRANSFORMERS = "pip install 'transformers>=5,<5.25' (5.25 needs a package named kernels, as kernels.py here is)"
+INSTALL_TRANSFORMERS = ("pip install 'transformers>=5,<5.25' (5.25 imports a package named kernels, which kvnest's "
+                        "kernels.py shadows)")
 
 
 def run_cli(main_fn) -> None:

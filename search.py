@@ -144,15 +144,17 @@ def swap_refine(model: Transformer, proj: Projections, windows: torch.Tensor, en
     ranks = {"k": torch.tensor(entry["k"]), "v": torch.tensor(entry["v"])}
     runner = SuffixRunner(model, proj, windows)
 
+    def shift(changes: list, sign: int = 1) -> None:
+        for kind, layer, head, d in changes:  # changes: [(kind, layer, head, delta)]
+            ranks[kind][layer, head] += sign * d
+
     def measure(changes: list, keep_inputs: bool = False) -> float:
-        """KL with `changes` [(kind, layer, head, delta)] applied; they stay applied only if keep_inputs."""
-        for kind, layer, head, d in changes:
-            ranks[kind][layer, head] += d
+        """KL with `changes` applied; they stay applied (with the layer inputs they give) only if keep_inputs."""
+        shift(changes)
         runner.set_ranks(ranks["k"], ranks["v"])
         kl = runner.kl(min(c[1] for c in changes) if changes else 0, keep_inputs)
         if not keep_inputs:
-            for kind, layer, head, d in changes:
-                ranks[kind][layer, head] -= d
+            shift(changes, -1)
         return kl
 
     kl, units = measure([], keep_inputs=True), [(k, l, h) for k in "kv" for l in range(L) for h in range(H)]
@@ -168,10 +170,14 @@ def swap_refine(model: Transformer, proj: Projections, windows: torch.Tensor, en
                 break
             if a in moved or b in moved:  # its prediction is stale: one of its units moved this round
                 continue
-            swap, measured = [(*a, step), (*b, -step)], measured + 1
-            if measure(swap) < kl:
-                kl, kept = measure(swap, keep_inputs=True), kept + 1
+            swap, measured, saved = [(*a, step), (*b, -step)], measured + 1, runner.inputs[:]
+            new = measure(swap, keep_inputs=True)
+            if new < kl:
+                kl, kept = new, kept + 1
                 moved |= {a, b}
+            else:  # not kept: back to the ranks and layer inputs before it
+                shift(swap, -1)
+                runner.inputs = saved
         bar.set_postfix(kl=f"{kl:.4f}", kept=kept)
         if not kept:
             break
