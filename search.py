@@ -37,33 +37,37 @@ from model import KVCache, Transformer
 
 
 class SuffixRunner:
-    """Forward passes over fixed calibration windows that can restart at any layer from cached layer inputs."""
+    """Forward passes over fixed calibration windows under ranks that change one unit at a time.
 
-    def __init__(self, model: Transformer, proj: Projections, windows: torch.Tensor):
-        self.model, self.x = model, windows.to(model.inv_freq.device)
+    `ranks` ({"k", "v"}: (n_layers, H_kv) each) are the current ranks, changed in place."""
+
+    def __init__(self, model: Transformer, proj: Projections, windows: torch.Tensor, ranks: dict):
+        self.model, self.x, self.ranks = model, windows.to(model.inv_freq.device), ranks
         N, T = windows.shape
         self.cos, self.sin = model.rope(0, T, model.lm_head.weight.dtype)
         self.ref = model(self.x)  # (N, T, V) full-cache logits
         self.inputs = [None] * model.args.n_layers  # input of each layer under the current ranks
         D = model.args.head_dim
         self.full = proj.features(*(torch.full((model.args.n_layers, model.args.n_kv_heads), D),) * 2)  # bases once
-        self.cache = None
 
-    def set_ranks(self, rank_k: torch.Tensor, rank_v: torch.Tensor) -> None:
-        self.cache = KVCache(self.model, *self.x.shape, replace(self.full, rank_k=rank_k, rank_v=rank_v))
+    def shift(self, changes: list, sign: int = 1) -> None:
+        for kind, layer, head, d in changes:  # changes: [(kind, layer, head, rank delta)]
+            self.ranks[kind][layer, head] += sign * d
 
-    def run(self, start: int, keep_inputs: bool = False) -> torch.Tensor:
-        """Logits when layers from `start` on are recomputed; the inputs of layers before `start` are reused."""
-        m = self.model
+    def measure(self, changes: list = (), keep: bool = False) -> float:
+        """KL(full || compressed) with `changes` applied; they stay applied, with the layer inputs they give, only
+        if `keep`. Layers before the first changed one reuse their inputs."""
+        self.shift(changes)
+        cache = KVCache(self.model, *self.x.shape, replace(self.full, rank_k=self.ranks["k"], rank_v=self.ranks["v"]))
+        m, start = self.model, min((c[1] for c in changes), default=0)
         h = m.embed_tokens(self.x) if start == 0 else self.inputs[start]
         for i in range(start, m.args.n_layers):
-            if keep_inputs:
+            if keep:
                 self.inputs[i] = h
-            h = m.layers[i](h, 0, self.cos, self.sin, self.cache.layers[i], self.cache.rope)
-        return m.lm_head(m.norm(h))
-
-    def kl(self, start: int, keep_inputs: bool = False) -> float:
-        return kl_and_top1(self.ref, self.run(start, keep_inputs))[0].mean().item()
+            h = m.layers[i](h, 0, self.cos, self.sin, cache.layers[i], cache.rope)
+        if not keep:
+            self.shift(changes, -1)
+        return kl_and_top1(self.ref, m.lm_head(m.norm(h)))[0].mean().item()
 
 
 def check_per_round(model: Transformer, per_round: int) -> None:
@@ -92,13 +96,8 @@ def greedy_search(model: Transformer, proj: Projections, windows: torch.Tensor, 
         raise KVNestError(f"budget {target} is below {floor:.3f}, the budget at the minimum rank {min_rank}; "
                           f"raise --budget or lower --min-rank")
     wanted = sorted({b for b in record if target <= b <= 1} | {target}, reverse=True)
-    runner, found = SuffixRunner(model, proj, windows), {}
-
-    def apply() -> float:
-        runner.set_ranks(ranks["k"], ranks["v"])
-        return runner.kl(0, keep_inputs=True)
-
-    kl = apply()
+    runner, found = SuffixRunner(model, proj, windows, ranks), {}
+    kl = runner.measure(keep=True)
     bar = tqdm(total=round((1 - target) * total / step), desc="search")
     while wanted:
         budget = budget_of(ranks["k"], ranks["v"], D)
@@ -111,10 +110,7 @@ def greedy_search(model: Transformer, proj: Projections, windows: torch.Tensor, 
             for layer in range(a.n_layers):
                 for head in range(a.n_kv_heads):
                     if ranks[kind][layer, head] - step >= min_rank:
-                        ranks[kind][layer, head] -= step
-                        runner.set_ranks(ranks["k"], ranks["v"])
-                        candidates.append((runner.kl(layer), kind, layer, head))
-                        ranks[kind][layer, head] += step
+                        candidates.append((runner.measure([(kind, layer, head, -step)]), kind, layer, head))
         if not candidates:
             break
         candidates.sort()  # smallest KL first; ties keep the fixed unit order, so the search is deterministic
@@ -123,7 +119,7 @@ def greedy_search(model: Transformer, proj: Projections, windows: torch.Tensor, 
             bar.update(1)
             if budget_of(ranks["k"], ranks["v"], D) <= wanted[0] + 1e-9:
                 break  # a recorded budget is hit exactly: record it before lowering more
-        kl = apply()
+        kl = runner.measure(keep=True)
         bar.set_postfix(budget=f"{budget_of(ranks['k'], ranks['v'], D):.3f}", kl=f"{kl:.4f}")
     bar.close()
     return found
@@ -142,22 +138,9 @@ def swap_refine(model: Transformer, proj: Projections, windows: torch.Tensor, en
     {"k", "v", "kl", "start"}, where "start" holds the entry's ranks and their KL."""
     D, L, H = model.args.head_dim, model.args.n_layers, model.args.n_kv_heads
     ranks = {"k": torch.tensor(entry["k"]), "v": torch.tensor(entry["v"])}
-    runner = SuffixRunner(model, proj, windows)
-
-    def shift(changes: list, sign: int = 1) -> None:
-        for kind, layer, head, d in changes:  # changes: [(kind, layer, head, delta)]
-            ranks[kind][layer, head] += sign * d
-
-    def measure(changes: list, keep_inputs: bool = False) -> float:
-        """KL with `changes` applied; they stay applied (with the layer inputs they give) only if keep_inputs."""
-        shift(changes)
-        runner.set_ranks(ranks["k"], ranks["v"])
-        kl = runner.kl(min(c[1] for c in changes) if changes else 0, keep_inputs)
-        if not keep_inputs:
-            shift(changes, -1)
-        return kl
-
-    kl, units = measure([], keep_inputs=True), [(k, l, h) for k in "kv" for l in range(L) for h in range(H)]
+    runner = SuffixRunner(model, proj, windows, ranks)
+    measure = runner.measure
+    kl, units = measure(keep=True), [(k, l, h) for k in "kv" for l in range(L) for h in range(H)]
     start = {"k": entry["k"], "v": entry["v"], "kl": kl}
     bar = tqdm(range(rounds), desc="swap refine")
     for _ in bar:
@@ -171,12 +154,12 @@ def swap_refine(model: Transformer, proj: Projections, windows: torch.Tensor, en
             if a in moved or b in moved:  # its prediction is stale: one of its units moved this round
                 continue
             swap, measured, saved = [(*a, step), (*b, -step)], measured + 1, runner.inputs[:]
-            new = measure(swap, keep_inputs=True)
+            new = measure(swap, keep=True)
             if new < kl:
                 kl, kept = new, kept + 1
                 moved |= {a, b}
             else:  # not kept: back to the ranks and layer inputs before it
-                shift(swap, -1)
+                runner.shift(swap, -1)
                 runner.inputs = saved
         bar.set_postfix(kl=f"{kl:.4f}", kept=kept)
         if not kept:
