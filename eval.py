@@ -240,7 +240,7 @@ def eviction_main(args, model, tok, features, policy, keep, plan, protocol) -> N
         raise KVNestError(f"--ctx-len {args.ctx_len} leaves no continuation in --seq-len {args.seq_len}; lower it")
     if args.gate_new:
         from gate import check_new_tokens
-        check_new_tokens(policy)
+        check_new_tokens(policy, args.window)
     windows = eval_windows(tok, args.data, args.windows or 8, args.seq_len)
     if args.evict_sweep:
         table, results = eviction_table(model, windows, {"gate": policy} if policy else {}, list(EVICT_KEEPS),

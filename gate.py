@@ -234,10 +234,7 @@ class NewTokenGate:
 def judging(model: Transformer, cache: KVCache, gate: Gate, window: int):
     """Inside, every decode step (one token at a time) on a compact `cache` has the gate judge its new entries after
     `window` queries; yields the per-layer NewTokenGates (their kept/decided counts)."""
-    if window < 1:
-        raise KVNestError("gating new tokens needs a window >= 1 (how many queries see a token before it is "
-                          "judged); pass --window, e.g. 32")
-    check_new_tokens(gate)
+    check_new_tokens(gate, window)
     groups = [g for layer in cache.layers for g in layer.groups]
     if any(g.keep is not None for g in groups):
         raise KVNestError("gating new tokens evicts from a compact cache: prefill with compact=True")
@@ -255,13 +252,16 @@ def judging(model: Transformer, cache: KVCache, gate: Gate, window: int):
             g.observe, g.probs = False, None
 
 
-def check_new_tokens(gate) -> None:
-    """Refuse by name a policy that cannot judge decoded tokens."""
+def check_new_tokens(gate, window: int | None) -> None:
+    """Refuse by name a policy that cannot judge decoded tokens, or no window of queries to judge them after."""
     if not isinstance(gate, Gate):
         raise KVNestError("gating new tokens needs a learned gate (--evict gate --gate CKPT)")
     if not gate.new_tokens:
         raise KVNestError("this gate was not trained on decoded tokens; train one with `python train.py --method "
                           "gate --window 32 --new-keep 0.5`")
+    if not window or window < 1:
+        raise KVNestError("gating new tokens judges each decoded token after `window` queries: pass a window >= 1 "
+                          "(--window), e.g. 32")
 
 
 def judged_hooks(model: Transformer, gate: Gate, window: int, on_logits) -> list:
@@ -282,7 +282,7 @@ def judged_forward(model: Transformer, tokens: torch.Tensor, pos: int, cache: KV
     masks of one decode step at a time. The context's last window - 1 entries must be kept (a prefill with
     Protocol(window=window) keeps them), since the window's rule reaches them too here. Returns (logits (B, T, V),
     flags of the decoded tokens per layer)."""
-    check_new_tokens(gate)
+    check_new_tokens(gate, window)
     if window > 1 and any(bool((f[..., f.shape[-1] - window + 1:] < 1).any()) for f in context_flags):
         raise KVNestError(f"the context's last {window - 1} entries must be kept under a decoded-token window of "
                           f"{window}; prefill with Protocol(window={window})")

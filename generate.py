@@ -71,9 +71,7 @@ def main(argv=None) -> None:
         raise KVNestError("--gate-new decodes eagerly (its hooks judge every step); drop --compile")
     if args.gate_new:
         from gate import check_new_tokens
-        check_new_tokens(policy)
-        if not args.window:
-            raise KVNestError("--gate-new judges each new token after --window queries; pass --window, e.g. 32")
+        check_new_tokens(policy, args.window)
     compiled = not args.gate_new and (args.device.startswith("cuda") if args.compile is None else args.compile)
     runner = Decoder(model, max_len - len(ids), features, policy, keep, exact, compiled, protocol)
     if compiled:

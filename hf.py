@@ -277,9 +277,7 @@ def settings(view: Transformer, projections=None, budget=None, ranks=None, plan=
         return out
     check_evictable(view)
     if gate_new:
-        check_new_tokens(out["policy"])
-        if window is None:
-            raise KVNestError("gate_new judges each decoded token after `window` queries; pass window, e.g. 32")
+        check_new_tokens(out["policy"], window)
     return dict(out, inside=bool(inside), sinks=sinks or 0, window=window or 0, gate_new=bool(gate_new))
 
 

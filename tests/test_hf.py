@@ -258,7 +258,7 @@ def test_bad_use_is_a_kvnest_error(checkpoints, new_token_gate, tiny_llama, tiny
              (dict(inside=True), "inside acts with a policy"),
              (dict(policy="snapkv", window=4, gate_new=True), "needs a learned gate"),
              (dict(policy="gate", gate=files["gate"], window=4, gate_new=True), "not trained on decoded tokens"),
-             (dict(policy="gate", gate=new_token_gate, gate_new=True), "after `window` queries; pass window"),
+             (dict(policy="gate", gate=new_token_gate, gate_new=True), "after `window` queries: pass a window >= 1"),
              (dict(policy="gate", gate=files["gate"], window=0), r"window=0: pass a whole number >= 1"),
              (dict(policy="h2o", sinks=-1), r"sinks=-1: pass a whole number >= 0")]
     for kwargs, message in cases:

@@ -229,6 +229,6 @@ def test_generate_gates_new_tokens_as_the_one_forward_form_over_its_own_output(t
     with pytest.raises(KVNestError, match="drop --compile"):
         generate_main(["--model", str(tiny_llama[0]), "--prompt", "w1", "--evict", "gate", "--gate",
                        str(tmp_path / "g.safetensors"), "--window", "4", "--gate-new", "--compile"])
-    with pytest.raises(KVNestError, match="after --window queries; pass --window"):
+    with pytest.raises(KVNestError, match="after `window` queries: pass a window >= 1"):
         generate_main(["--model", str(tiny_llama[0]), "--prompt", "w1", "--evict", "gate", "--gate",
                        str(tmp_path / "g.safetensors"), "--gate-new"])
