@@ -28,6 +28,7 @@ SnapKV's observation window sees the question).
 """
 import functools
 import hashlib
+import inspect
 import json
 import random
 import re
@@ -224,6 +225,14 @@ def runs_for(model, compressions, methods, gate, projections) -> dict:
     return runs
 
 
+def samples_digest() -> str:
+    """What makes and scores the samples: this code, its word lists and the real-text haystack (the pydoc topics
+    change with the Python version). A log keys on it, so a sample made another way is never read back."""
+    made = [inspect.getsource(f) for f in (sentences, fill, build, prompt, score)] + [FILLER, KEYS, MAX_NEW]
+    made.append(default_halves()[1])
+    return hashlib.sha256(json.dumps(made).encode()).hexdigest()[:16]
+
+
 def evaluate(model, tok, tasks, lengths, samples: int, runs: dict, queries, seed: int,
              log: Path | None = None, settings: dict | None = None) -> dict:
     """{(length, query): {run: {task: mean score}}} over `samples` samples per task. With `log`, each sample's
@@ -371,7 +380,7 @@ def main(argv=None):
     runs = runs_for(model, compressions, methods, args.gate, args.projections)
     digest = lambda f: f and hashlib.sha256(Path(f).read_bytes()).hexdigest()[:16]  # noqa: E731
     settings = {"model": model.fingerprint(), "dtype": args.dtype, "seed": args.seed, "runs": list(runs),
-                "gate": digest(args.gate), "projections": digest(args.projections)}
+                "gate": digest(args.gate), "projections": digest(args.projections), "samples": samples_digest()}
     log = out / f"retrieval_{hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:10]}.jsonl"  # its own
     if args.fresh:
         log.unlink(missing_ok=True)

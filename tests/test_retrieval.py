@@ -107,6 +107,11 @@ def test_an_interrupted_run_resumes_from_its_sample_log(tiny_llama, tmp_path, mo
     assert (out / "retrieval.json").read_text() == (tmp_path / "once" / "retrieval.json").read_text()
     retrieval_main(flags[:-1] + ["h2o", "--samples", "1", "--out-dir", str(out)])  # other runs: a log of its own
     assert len(list(out.glob("retrieval_*.jsonl"))) == 2 and len(log.read_text().splitlines()) == 1 + 4
+    made = retrieval.MAX_NEW
+    monkeypatch.setattr(retrieval, "MAX_NEW", dict(made, needle=13))  # samples made another way: not read back
+    retrieval_main(flags + ["--samples", "1", "--out-dir", str(out)])
+    assert len(list(out.glob("retrieval_*.jsonl"))) == 3 and len(log.read_text().splitlines()) == 1 + 4
+    monkeypatch.setattr(retrieval, "MAX_NEW", made)
     decoded.clear()
     retrieval_main(flags + ["--samples", "1", "--out-dir", str(out), "--fresh"])
     assert len(decoded) == 2 and len(log.read_text().splitlines()) == 1 + 2
