@@ -226,11 +226,9 @@ def runs_for(model, compressions, methods, gate, projections) -> dict:
 
 
 def samples_digest() -> str:
-    """What makes and scores the samples: this code, its word lists and the real-text haystack (the pydoc topics
-    change with the Python version). A log keys on it, so a sample made another way is never read back."""
+    """What makes and scores the samples (code, word lists, the pydoc haystack, which changes with Python)."""
     made = [inspect.getsource(f) for f in (sentences, fill, build, prompt, score)] + [FILLER, KEYS, MAX_NEW]
-    made.append(default_halves()[1])
-    return hashlib.sha256(json.dumps(made).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(made + [default_halves()[1]]).encode()).hexdigest()[:16]
 
 
 def evaluate(model, tok, tasks, lengths, samples: int, runs: dict, queries, seed: int,
