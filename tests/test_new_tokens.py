@@ -232,3 +232,7 @@ def test_generate_gates_new_tokens_as_the_one_forward_form_over_its_own_output(t
     with pytest.raises(KVNestError, match="after `window` queries: pass a window >= 1"):
         generate_main(["--model", str(tiny_llama[0]), "--prompt", "w1", "--evict", "gate", "--gate",
                        str(tmp_path / "g.safetensors"), "--gate-new"])
+    from eval import main as eval_main
+    with pytest.raises(KVNestError, match="after `window` queries: pass a window >= 1"):
+        eval_main(["--model", str(tiny_llama[0]), "--evict", "gate", "--gate", str(tmp_path / "g.safetensors"),
+                   "--gate-new", "--seq-len", "64", "--ctx-len", "32"])
