@@ -245,18 +245,20 @@ def load_pairs(path: str) -> list[tuple[str, str]]:
     return pairs
 
 
-def token_windows(ids, length: int, count: int | None = None) -> torch.Tensor:
-    """The first `count` non-overlapping windows of `length` tokens. (N, length)"""
-    n = len(ids) // length if count is None else min(count, len(ids) // length)
-    if n == 0 or (count is not None and n < count):
-        raise KVNestError(f"the text has {len(ids)} tokens, too few for {count or 1} windows of {length}; "
+def token_windows(ids, length: int, count: int | None = None, skip: int = 0) -> torch.Tensor:
+    """The first `count` non-overlapping windows of `length` tokens after the first `skip`. (N, length)"""
+    room = len(ids) // length - skip
+    n = room if count is None else min(count, room)
+    if n <= 0 or (count is not None and n < count):
+        raise KVNestError(f"the text has {len(ids)} tokens, too few for {skip + (count or 1)} windows of {length}; "
                           f"pass more text or fewer/shorter windows")
-    return torch.as_tensor(ids[: n * length]).view(n, length)
+    return torch.as_tensor(ids[skip * length: (skip + n) * length]).view(n, length)
 
 
-def mixed_windows(sources: list, length: int, count: int) -> torch.Tensor:
+def mixed_windows(sources: list, length: int, count: int, skip: int = 0) -> torch.Tensor:
     """`count` windows from sources of (token ids, weight), the first windows of each, shared by weight (at least
-    one from each source): calibration for PCA and the rank search. (N, length)"""
+    one from each source): calibration for PCA and the rank search. With `skip`, the windows that follow those of
+    mixed_windows(sources, length, skip), so the two sets never overlap. (N, length)"""
     total = sum(w for _, w in sources)
-    shares = [max(1, round(count * w / total)) for _, w in sources]
-    return torch.cat([token_windows(ids, length, n) for (ids, _), n in zip(sources, shares)])
+    share = lambda n, w: max(1, round(n * w / total)) if n else 0  # noqa: E731
+    return torch.cat([token_windows(ids, length, share(count, w), share(skip, w)) for ids, w in sources])

@@ -14,8 +14,9 @@ A candidate at layer l changes nothing before l, so its forward restarts from th
 
 The batched greedy ranks each decrement by its cost alone; at low ranks the costs compound and it misses better
 ranks. `--refine N` then runs N rounds of swap refinement at the target: one rank step moves from one unit to
-another (the bytes stay the same) where that lowers the calibration KL. With `--start RANKS` it refines the
-ranks of an earlier search at --budget instead of searching anew.
+another (the bytes stay the same) where that lowers the calibration KL; with `--refine-check N`, only where it
+lowers the KL on N held-out windows of the same mix too. With `--start RANKS` it refines the ranks of an earlier
+search at --budget instead of searching anew.
 
     python search.py --projections runs/matryoshka.safetensors --budget 0.25   # writes runs/ranks.json + PNGs
     python search.py --projections runs/matryoshka.safetensors --budget 0.25 --refine 3   # + swap refinement
@@ -127,23 +128,30 @@ def greedy_search(model: Transformer, proj: Projections, windows: torch.Tensor, 
 
 @torch.no_grad()
 def swap_refine(model: Transformer, proj: Projections, windows: torch.Tensor, entry: dict, step: int,
-                min_rank: int, rounds: int, tries: int = 16) -> dict:
+                min_rank: int, rounds: int, tries: int = 16, check: torch.Tensor | None = None) -> dict:
     """Local search at the bytes of `entry` ({"k", "v"}): move one rank step from one unit to another.
 
     The batched greedy ranks each decrement by what it costs alone, and those costs compound at low ranks. Each
     round here measures every unit one step up and one step down (the others unchanged), predicts the change of a
     swap (one unit up, another down; the bytes stay the same) as the sum of the two, and measures the `tries`
-    best predicted swaps in that order on the current ranks, keeping each one that lowers the KL. It stops after
-    `rounds` rounds or a round that keeps none, so the KL it returns is never above the entry's. Returns
-    {"k", "v", "kl", "start"}, where "start" holds the entry's ranks and their KL."""
+    best predicted swaps in that order on the current ranks, keeping each one that lowers the KL. With `check`
+    (held-out windows), a swap is kept only if it lowers the KL on them too: a swap that fits the calibration
+    tokens alone is dropped. It stops after `rounds` rounds or a round that keeps none, so the KL it returns is
+    never above the entry's. Returns {"k", "v", "kl", "start"}, where "start" holds the entry's ranks and their
+    KL; with `check`, both also hold "check_kl", the KL on the check windows."""
     D, L, H = model.args.head_dim, model.args.n_layers, model.args.n_kv_heads
     ranks = {"k": torch.tensor(entry["k"]), "v": torch.tensor(entry["v"])}
-    runner = SuffixRunner(model, proj, windows, ranks)
-    measure = runner.measure
-    kl, units = measure(keep=True), [(k, l, h) for k in "kv" for l in range(L) for h in range(H)]
-    start = {"k": entry["k"], "v": entry["v"], "kl": kl}
+    runners = [SuffixRunner(model, proj, windows, ranks)]
+    if check is not None:  # its own copy of the ranks, moved in step with the calibration's
+        runners.append(SuffixRunner(model, proj, check, {k: r.clone() for k, r in ranks.items()}))
+    measure = runners[0].measure
+    kls = [r.measure(keep=True) for r in runners]  # current KL on the calibration (and the check windows)
+    units = [(k, l, h) for k in "kv" for l in range(L) for h in range(H)]
+    names = ["kl", "check_kl"][:len(runners)]
+    start = dict(k=entry["k"], v=entry["v"], **dict(zip(names, kls)))
     bar = tqdm(range(rounds), desc="swap refine")
     for _ in bar:
+        kl = kls[0]
         up = sorted((measure([(*u, step)]) - kl, u) for u in units if ranks[u[0]][u[1:]] + step <= D)
         down = sorted((measure([(*u, -step)]) - kl, u) for u in units if ranks[u[0]][u[1:]] - step >= min_rank)
         pairs = sorted((gu + gd, a, b) for gu, a in up for gd, b in down if a != b and gu + gd < 0)
@@ -153,18 +161,22 @@ def swap_refine(model: Transformer, proj: Projections, windows: torch.Tensor, en
                 break
             if a in moved or b in moved:  # its prediction is stale: one of its units moved this round
                 continue
-            swap, measured, saved = [(*a, step), (*b, -step)], measured + 1, runner.inputs[:]
-            new = measure(swap, keep=True)
-            if new < kl:
-                kl, kept = new, kept + 1
+            swap, measured, tried = [(*a, step), (*b, -step)], measured + 1, []
+            for r, old in zip(runners, kls):  # the check windows only once the calibration agrees
+                tried.append((r, r.inputs[:], r.measure(swap, keep=True)))
+                if tried[-1][2] >= old:
+                    break
+            if len(tried) == len(runners) and all(new < old for (_, _, new), old in zip(tried, kls)):
+                kls, kept = [new for _, _, new in tried], kept + 1
                 moved |= {a, b}
             else:  # not kept: back to the ranks and layer inputs before it
-                runner.shift(swap, -1)
-                runner.inputs = saved
-        bar.set_postfix(kl=f"{kl:.4f}", kept=kept)
+                for r, saved, _ in tried:
+                    r.shift(swap, -1)
+                    r.inputs = saved
+        bar.set_postfix(kl=f"{kls[0]:.4f}", kept=kept)
         if not kept:
             break
-    return {"k": ranks["k"].tolist(), "v": ranks["v"].tolist(), "kl": kl, "start": start}
+    return dict(k=ranks["k"].tolist(), v=ranks["v"].tolist(), **dict(zip(names, kls)), start=start)
 
 
 def write_results(found: dict, path: Path, meta: dict, target: float) -> None:
@@ -181,7 +193,8 @@ def write_results(found: dict, path: Path, meta: dict, target: float) -> None:
         lines.append(f"| {b:.1%} | {e['kl']:.4f} | {k.mean():.1f} | {v.mean():.1f} | {fmt(e['k'])} | {fmt(e['v'])} |")
         plot_ranks(e["k"], e["v"], b, path.with_name(f"{path.stem}_{b:g}.png"))
     lines += [f"\nSwap refinement at {b:.1%}: calibration KL {e['start']['kl']:.4f} -> {e['kl']:.4f}"
-              for b, e in found.items() if "start" in e]
+              + (f", check windows' KL {e['start']['check_kl']:.4f} -> {e['check_kl']:.4f}" if "check_kl" in e
+                 else "") for b, e in found.items() if "start" in e]
     path.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
@@ -227,6 +240,8 @@ def main(argv=None):
                    "greedy or from --start (each measures every rank one step up and down: about two greedy "
                    "rounds; 0 = none)")
     p.add_argument("--refine-tries", type=count, default=16, help="swaps measured per refinement round")
+    p.add_argument("--refine-check", type=size, default=0, help="held-out windows of the --data mix (those after "
+                   "the calibration's): a swap is kept only if it lowers their KL too (0 = no check)")
     p.add_argument("--start", help="a search.py ranks file: refine its ranks at --budget instead of a new greedy "
                    "search (with --refine; they may come from other projections)")
     p.add_argument("--out", default="runs/ranks.json")
@@ -236,6 +251,8 @@ def main(argv=None):
         raise KVNestError(f"--calib-len {args.calib_len} exceeds the model's context of {model.args.max_seq_len}")
     if args.refine_tries != p.get_default("refine_tries") and not args.refine:
         raise KVNestError("--refine-tries sets the swap refinement: pass --refine N (rounds) too, or drop it")
+    if args.refine_check and not args.refine:
+        raise KVNestError("--refine-check checks the swap refinement: pass --refine N (rounds) too, or drop it")
     if args.start and not args.refine:
         raise KVNestError("--start names ranks to refine: pass --refine N (rounds) too")
     if args.start and args.per_round is not None:
@@ -245,6 +262,8 @@ def main(argv=None):
     proj, _, _ = load_projections(args.projections, model)
     sources = [(tok.encode(text), w) for text, w in load_mix(args.data, "train")]
     windows = mixed_windows(sources, args.calib_len, args.calib_windows)
+    check = mixed_windows(sources, args.calib_len, args.refine_check, skip=args.calib_windows) \
+        if args.refine_check else None
     step = args.step or max(1, model.args.head_dim // 8)
     with torch.no_grad():
         if args.start:
@@ -253,12 +272,13 @@ def main(argv=None):
             found = greedy_search(model, proj, windows, args.budget, step, args.per_round, min_rank=args.min_rank)
         if args.refine > 0:
             found[args.budget] = swap_refine(model, proj, windows, found[args.budget], step, args.min_rank or step,
-                                             args.refine, args.refine_tries)
+                                             args.refine, args.refine_tries, check)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"model": model.fingerprint(), "base_model": folder, "projections": args.projections, "step": step,
             "per_round": None if args.start else args.per_round, "start": args.start, "refine": args.refine,
-            "calibration": f"{len(windows)} x {args.calib_len}"}
+            "calibration": f"{len(windows)} x {args.calib_len}",
+            "check": f"{len(check)} x {args.calib_len}" if check is not None else None}
     write_results(found, out, meta, args.budget)
     print(out.with_suffix(".md").read_text())
     print(f"wrote {out}, {out.with_suffix('.md')} and {len(found)} heatmaps")

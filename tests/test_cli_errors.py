@@ -101,6 +101,7 @@ COMBINATIONS = [  # (script, flags, what the error says)
     ("search", ["--projections", "p.safetensors", "--per-round", "8"], "would lower every rank each round"),
     ("search", ["--projections", "p.safetensors", "--start", "r.json"], "--start names ranks to refine: pass --refine"),
     ("search", ["--projections", "p.safetensors", "--refine-tries", "4"], "--refine-tries sets the swap refinement"),
+    ("search", ["--projections", "p.safetensors", "--refine-check", "4"], "--refine-check checks the swap refinement"),
     ("search", ["--projections", "p.safetensors", "--start", "r.json", "--refine", "1", "--per-round", "4"],
      "--per-round sets the greedy search, which --start skips"),
     ("domains", ["--projections", "p.safetensors", "--budgets", "0.5,1"], "pass budgets below 1"),

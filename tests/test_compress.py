@@ -189,6 +189,33 @@ def test_swap_refine_keeps_the_bytes_and_reaches_the_best_ranks(llama):
     assert swap_refine(llama, proj, calib, greedy, step=8, min_rank=8, rounds=20)["kl"] <= greedy["kl"]
 
 
+def test_swap_refine_with_check_windows_keeps_only_swaps_they_agree_with(llama):
+    """Checked on the calibration windows themselves, the refinement is the unchecked one, bit for bit. Checked on
+    other windows, it refuses swaps the calibration alone would keep, and each KL it reports is the eager model's
+    on its windows and never above the start's."""
+    proj, calib, other = trained_like(llama), tokens(32, 2), tokens(32, 2, seed=5)
+    greedy = greedy_search(llama, proj, calib, 0.5, step=2, per_round=7)[0.5]
+
+    def kl(x, k, v):
+        with torch.no_grad():
+            ref, out = llama(x).log_softmax(-1), compressed(llama, x, proj.features(k, v)).log_softmax(-1)
+        return (ref.exp() * (ref - out)).sum(-1).mean().item()
+
+    plain = swap_refine(llama, proj, calib, greedy, step=2, min_rank=2, rounds=3)
+    same = swap_refine(llama, proj, calib, greedy, step=2, min_rank=2, rounds=3, check=calib)
+    assert (plain["k"], plain["v"]) != (greedy["k"], greedy["v"])  # it moved, so the identity says something
+    assert (same["k"], same["v"], same["kl"], same["check_kl"]) == (plain["k"], plain["v"], plain["kl"], plain["kl"])
+    checked = swap_refine(llama, proj, calib, greedy, step=2, min_rank=2, rounds=3, check=other)
+    assert (checked["k"], checked["v"]) != (plain["k"], plain["v"]) and checked["kl"] > plain["kl"]
+    k, v = torch.tensor(checked["k"]), torch.tensor(checked["v"])
+    assert budget_of(k, v, 16) == 0.5
+    assert checked["kl"] == pytest.approx(kl(calib, k, v), rel=1e-4)
+    assert checked["check_kl"] == pytest.approx(kl(other, k, v), rel=1e-4)
+    assert checked["start"]["check_kl"] == pytest.approx(
+        kl(other, torch.tensor(greedy["k"]), torch.tensor(greedy["v"])), rel=1e-4)
+    assert checked["check_kl"] < checked["start"]["check_kl"] and checked["kl"] < checked["start"]["kl"]
+
+
 def kl_at_half_budget(model, proj, x):
     with torch.no_grad():
         ref = model(x).log_softmax(-1)
@@ -298,8 +325,10 @@ def test_scripts_end_to_end_on_a_tiny_model(tiny_llama, word_text, tmp_path):
         ".md").read_text()
     refined = str(tmp_path / "refined.json")  # refine the greedy's 37.5% ranks without a new search
     run("search.py", *common, "--projections", ckpt, "--budget", "0.375", "--calib-len", "32", "--refine", "1",
-        "--start", ranks, "--out", refined)
+        "--start", ranks, "--refine-check", "2", "--out", refined)
     entry = json.loads(Path(refined).read_text())["budgets"]["0.375"]
+    assert entry["check_kl"] <= entry["start"]["check_kl"] and json.loads(Path(refined).read_text())["check"] == "2 x 32"
+    assert "check windows' KL" in Path(refined).with_suffix(".md").read_text()
     assert entry["start"]["k"] == k.tolist() and entry["start"]["v"] == v.tolist() and entry["kl"] <= entry[
         "start"]["kl"] == pytest.approx(json.loads(Path(ranks).read_text())["budgets"]["0.375"]["kl"], rel=1e-5)
     table = run("eval.py", *common, "--projections", ckpt, "--ranks", ranks, "--sweep", "--windows", "2",

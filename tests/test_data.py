@@ -52,6 +52,15 @@ def test_calibration_windows_are_shared_by_weight_at_least_one_each():
     assert mixed_windows([(a, 100.0), (b, 1.0)], 64, 1)[:, 0].tolist() == [0, 1]
 
 
+def test_windows_after_skip_follow_the_first_ones_without_overlap():
+    a, b = torch.arange(1000), torch.arange(1000, 1600)  # 15 and 9 windows of 64 tokens
+    first, after = mixed_windows([(a, 2.0), (b, 1.0)], 64, 3), mixed_windows([(a, 2.0), (b, 1.0)], 64, 6, skip=3)
+    assert first[:, 0].tolist() == [0, 64, 1000] and after[:, 0].tolist() == [128, 192, 256, 320, 1064, 1128]
+    assert not set(first.flatten().tolist()) & set(after.flatten().tolist())
+    with pytest.raises(KVNestError, match="too few for 10 windows of 64"):
+        mixed_windows([(a, 1.0), (b, 1.0)], 64, 2, skip=18)  # b: 9 skipped + 1 > its 9 windows
+
+
 def test_resume_accepts_the_same_mix_by_other_paths_and_refuses_another(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     rel, absolute = ["a.txt:2", "default"], [f"{tmp_path / 'a.txt'}:2", "default"]
