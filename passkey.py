@@ -23,10 +23,10 @@ from errors import KVNestError, Parser, count, ratio, run_cli
 from evict import BASELINES, baseline
 from flags import add_model_flags, features_from_args, model_from_flags
 from gate import load_gate
+from haystack import FILLER
 from kernels import Decoder
 from model import Transformer
 
-FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ")
 QUESTION = " What is the pass key? The pass key is"
 
 
@@ -35,7 +35,7 @@ def make_sample(tok: Tokenizer, length: int, rng: random.Random) -> tuple[list, 
     key = str(rng.randint(10000, 99999))
     needle = tok.encode(f" The pass key is {key}. Remember it. {key} is the pass key. ")
     question = tok.encode(QUESTION)
-    filler = tok.encode(FILLER)
+    filler = tok.encode(" ".join(FILLER) + " ")  # the same sentences as RULER's needle
     n = length - len(needle) - len(question)
     if n < len(filler):
         raise KVNestError(f"--length {length} is too short for a passkey prompt; use at least 100 tokens")

@@ -1,13 +1,14 @@
-"""retrieval.py: the generators are deterministic and their answers are right (read back from the generated text),
-the scoring is exact on hand-made answers, the shared prefill equals evicting each method on its own, and the
-suite runs end to end on a tiny model and resumes from its sample log."""
+"""haystack.py and retrieval.py: the generators are deterministic and their answers are right (read back from the
+generated text), the scoring is exact on hand-made answers, the shared prefill equals evicting each method on its
+own, and the suite runs end to end on a tiny model and resumes from its sample log."""
 import re
 from collections import Counter
 
 import pytest
 import torch
 
-from retrieval import TASKS, answer_all, build, main as retrieval_main, prompt, score
+from haystack import TASKS, build, prompt, score
+from retrieval import answer_all, main as retrieval_main
 
 
 def parsed_answers(task: str, s) -> list:
@@ -107,11 +108,12 @@ def test_an_interrupted_run_resumes_from_its_sample_log(tiny_llama, tmp_path, mo
     assert (out / "retrieval.json").read_text() == (tmp_path / "once" / "retrieval.json").read_text()
     retrieval_main(flags[:-1] + ["h2o", "--samples", "1", "--out-dir", str(out)])  # other runs: a log of its own
     assert len(list(out.glob("retrieval_*.jsonl"))) == 2 and len(log.read_text().splitlines()) == 1 + 4
-    made = retrieval.MAX_NEW
-    monkeypatch.setattr(retrieval, "MAX_NEW", dict(made, needle=13))  # samples made another way: not read back
+    import haystack
+    made = haystack.MAX_NEW
+    monkeypatch.setattr(haystack, "MAX_NEW", dict(made, needle=13))  # samples made another way: not read back
     retrieval_main(flags + ["--samples", "1", "--out-dir", str(out)])
     assert len(list(out.glob("retrieval_*.jsonl"))) == 3 and len(log.read_text().splitlines()) == 1 + 4
-    monkeypatch.setattr(retrieval, "MAX_NEW", made)
+    monkeypatch.setattr(haystack, "MAX_NEW", made)
     decoded.clear()
     retrieval_main(flags + ["--samples", "1", "--out-dir", str(out), "--fresh"])
     assert len(decoded) == 2 and len(log.read_text().splitlines()) == 1 + 2
