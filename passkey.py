@@ -35,7 +35,7 @@ def make_sample(tok: Tokenizer, length: int, rng: random.Random) -> tuple[list, 
     key = str(rng.randint(10000, 99999))
     needle = tok.encode(f" The pass key is {key}. Remember it. {key} is the pass key. ")
     question = tok.encode(QUESTION)
-    filler = tok.encode(" ".join(FILLER) + " ")  # the same sentences as RULER's needle
+    filler = tok.encode(" ".join(FILLER) + " ")  # the filler of haystack.py's needle tasks
     n = length - len(needle) - len(question)
     if n < len(filler):
         raise KVNestError(f"--length {length} is too short for a passkey prompt; use at least 100 tokens")
