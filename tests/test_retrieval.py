@@ -45,6 +45,14 @@ def test_generators_are_deterministic_and_their_answers_right(task, default_mode
             assert abs(at - depth) < 0.05, (depth, at)
 
 
+def test_build_refuses_an_unknown_task_and_too_short_a_length(default_model):
+    from errors import KVNestError
+    with pytest.raises(KVNestError, match="unknown task 'nope'; choose from needle, needle_text"):
+        build("nope", default_model[1], 1024, 0)
+    with pytest.raises(KVNestError, match="length 60 is too short for a retrieval prompt; use at least 200 tokens"):
+        build("needle", default_model[1], 60, 0)
+
+
 def test_scoring_is_the_fraction_of_expected_strings_found():
     assert score(" 1234567.", ["1234567"]) == 1.0
     assert score("The number is 123456", ["1234567"]) == 0.0
