@@ -4,6 +4,9 @@
 MatryoshkaKV (Lin et al., 2024). Teacher = the frozen model with its full cache; student = the same weights with
 the projections of compress.py, whose ranks are drawn afresh each step, per (layer, KV head) and for K and V
 separately, uniformly from {D/8, 2D/8, ..., D} (the Matryoshka strategy: every prefix of a basis must work).
+`--ranks RANKS` trains at the fixed ranks of a search.py file instead, and `--init PROJ` starts from trained
+projections rather than PCA: together they fine-tune nested projections for one plan (its other budgets are not
+trained and may lose).
 Only the projections train (the Cayley parameters W and the value offset b), on
 
     loss = kl_weight * mean_t KL(p_teacher || p_student) + ce_weight * mean_t CE(x_{t+1}, p_student)
@@ -35,7 +38,8 @@ import torch
 from tqdm import tqdm
 
 from assets import data_weight, load_mix, load_pairs, mixed_windows
-from compress import KEY_MODES, Projections, load_projections, pca_projections, save_projections, uniform_ranks
+from compress import (KEY_MODES, Projections, budget_of, load_projections, load_ranks, pca_projections,
+                      save_projections, uniform_ranks)
 from distill import autocast_for, fit, sample_batch
 from errors import KVNestError, Parser, count, nonnegative, positive, ratio, ratios, run_cli, size
 from eval import SWEEP_BUDGETS, eval_windows, eviction_table, score, score_evictions
@@ -49,7 +53,7 @@ from model import KVCache, Transformer
 # Flags that define what is trained; a resumed run must agree on them.
 RUN_FLAGS = ("method", "key_mode", "seq_len", "batch", "lr", "warmup", "clip", "kl_weight", "ce_weight",
              "rank_step", "seed", "steps", "calib_windows", "data", "keep", "keep_weight", "ctx_len",
-             "protocol", "sft", "keeps", "window", "new_keep", "gumbel", "init")
+             "protocol", "sft", "keeps", "window", "new_keep", "gumbel", "init", "ranks")
 
 
 def sample_ranks(model: Transformer, step: int, gen: torch.Generator) -> torch.Tensor:
@@ -66,8 +70,8 @@ def check_resume(out: Path, meta: dict, cfg: dict, extra: dict) -> int:
             step > 0 and not extra):
         raise KVNestError(f"--resume with {out}: it lacks a valid config, step (0 to {cfg['steps']}) or optimizer "
                           f"state; the checkpoint is damaged, train again without --resume")
-    old = {"window": 0, "new_keep": None, "gumbel": None, "init": None, **old,  # before these flags existed
-           **{k: same_file(old.get(k), cfg[k]) for k in ("data", "sft", "init")}}
+    old = {"window": 0, "new_keep": None, "gumbel": None, "init": None, "ranks": None, **old,  # older runs
+           **{k: same_file(old.get(k), cfg[k]) for k in ("data", "sft", "init", "ranks")}}
     differ = ", ".join(f"{k}={old.get(k)}" for k in RUN_FLAGS if old.get(k) != cfg.get(k))
     if differ:
         raise KVNestError(f"--resume with {out}: the checkpoint was trained with {differ}; pass the same flags")
@@ -89,19 +93,25 @@ def same_file(recorded, given):
 def train_matryoshka(model: Transformer, sources: list, cfg: dict, out: Path, meta_extra: dict,
                      resume: bool = False, calib: torch.Tensor | None = None, **fit_kw) -> Projections:
     """Run (or continue) MatryoshkaKV distillation on windows of the sources, (token ids, weight) pairs; returns
-    the trained projections and leaves `out` written."""
+    the trained projections and leaves `out` written. Ranks are drawn every step, or with cfg["ranks"] fixed to
+    that file's; the projections start from PCA on `calib`, or from those of cfg["init"]."""
     start, extra = 0, {}
     if resume and out.exists():
         proj, meta, extra = load_projections(out, model)
         start = check_resume(out, meta, cfg, extra)
+    elif cfg["init"]:
+        proj = load_projections(cfg["init"], model)[0]
+        if proj.key_mode != cfg["key_mode"]:
+            raise KVNestError(f"--init {cfg['init']} projects keys {proj.key_mode}; pass --key-mode {proj.key_mode}")
     else:
         proj = pca_projections(model, calib, cfg["key_mode"])
+    fixed = load_ranks(cfg["ranks"], model) if cfg["ranks"] else None  # (L, H_kv) each, K and V
     meta = dict(meta_extra, model=model.fingerprint(), config=cfg)
 
     def step_loss(step, gen):
         x = sample_batch(sources, cfg["batch"], cfg["seq_len"], gen).to(model.inv_freq.device)
         inputs, targets = x[:, :-1], x[:, 1:]
-        ranks = sample_ranks(model, cfg["rank_step"], gen), sample_ranks(model, cfg["rank_step"], gen)
+        ranks = fixed or (sample_ranks(model, cfg["rank_step"], gen), sample_ranks(model, cfg["rank_step"], gen))
         with torch.no_grad(), autocast_for(model):
             teacher = model(inputs)
         with autocast_for(model):
@@ -201,16 +211,25 @@ def train_gate(model: Transformer, sources: list | None, cfg: dict, out: Path, m
     return gate
 
 
-def budget_table(model: Transformer, proj: Projections, windows: torch.Tensor) -> str:
-    """Markdown: eval perplexity and KL at uniform ranks over the sweep budgets, PCA against trained."""
-    lines = ["| budget | PCA ppl (KL) | trained ppl (KL) |", "|---|---|---|"]
-    for budget in tqdm(SWEEP_BUDGETS, desc="budget table"):
+def budget_table(model: Transformer, proj: Projections, windows: torch.Tensor, ranks: str | None = None,
+                 init: str | None = None) -> str:
+    """Markdown: eval perplexity and KL, PCA against trained (and against the --init projections), at uniform
+    ranks over the sweep budgets, or at the fixed ranks of a --ranks run."""
+    runs = {"PCA": proj.pca(), **({"start (--init)": load_projections(init, model)[0]} if init else {}),
+            "trained": proj}
+    if ranks:
+        fixed = load_ranks(ranks, model)
+        rows = {f"{budget_of(*fixed, model.args.head_dim):.1%}, {ranks}": fixed}
+    else:
+        rows = {f"{budget:.1%}": uniform_ranks(model, budget) for budget in SWEEP_BUDGETS}
+    lines = [f"| budget | {' | '.join(f'{name} ppl (KL)' for name in runs)} |", "|---" * (len(runs) + 1) + "|"]
+    for label, r in tqdm(rows.items(), desc="budget table"):
         cells = []
-        for p in (proj.pca(), proj):
+        for p in runs.values():
             with torch.no_grad():
-                s = score(model, windows, p.features(*uniform_ranks(model, budget)))
+                s = score(model, windows, p.features(*r))
             cells.append(f"{s['perplexity']:.2f} ({s['kl']:.3f})")
-        lines.append(f"| {budget:.1%} | {' | '.join(cells)} |")
+        lines.append(f"| {label} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
 
@@ -259,8 +278,10 @@ def main(argv=None):
     p.add_argument("--keep-weight", type=nonnegative, default=10.0, help="gate: weight of (kept - keep)^2")
     p.add_argument("--keeps", type=ratios, help="gate: one gate for every keep: a keep ratio drawn per step from "
                    "this list (e.g. 0.125,0.25,0.5,0.75) and given to the gate as an input (replaces --keep)")
-    p.add_argument("--init", help="gate, with --keeps: start from this gate trained at one keep and train only "
-                   "the keep input's per-keep offsets")
+    p.add_argument("--init", help="matryoshka: start from these trained projections instead of PCA; gate, with "
+                   "--keeps: start from this gate trained at one keep and train only the keep input's offsets")
+    p.add_argument("--ranks", help="matryoshka: train at the fixed ranks of this search.py file (its target "
+                   "budget) instead of drawing ranks each step")
     p.add_argument("--ctx-len", type=count, default=384, help="gate: context tokens of each window")
     p.add_argument("--protocol", choices=["after", "inside"], default="after",
                    help="gate: evict after a full-attention prefill or inside it (the paper's protocol)")
@@ -290,16 +311,19 @@ def main(argv=None):
         raise KVNestError("--kl-weight and --ce-weight are both 0: nothing to train on; give one a weight")
     if args.out.parent.exists() and not args.out.parent.is_dir():
         raise KVNestError(f"--out {args.out}: {args.out.parent} is a file, not a folder")
-    given = [f for f in ("key_mode", "rank_step", "calib_windows") if getattr(args, f) != p.get_default(f)]
-    gate_only = ("keep", "keep_weight", "ctx_len", "protocol", "sft", "keeps", "window", "new_keep", "gumbel", "init")
+    given = [f for f in ("key_mode", "rank_step", "calib_windows", "ranks") if getattr(args, f) != p.get_default(f)]
+    gate_only = ("keep", "keep_weight", "ctx_len", "protocol", "sft", "keeps", "window", "new_keep", "gumbel")
     given = given if args.method == "gate" else [f for f in gate_only if getattr(args, f) != p.get_default(f)]
     given = given or (["keep"] if args.keeps and args.keep != p.get_default("keep") else [])
     if given:
         raise KVNestError(f"--{given[0].replace('_', '-')} does not act with --method {args.method}"
-                          f"{' --keeps' if args.method == 'gate' else ''}; drop it")
-    if args.init and not args.keeps:
+                          f"{' --keeps' if given[0] == 'keep' and args.keeps else ''}; drop it")
+    for flag, other, why in (("rank_step", "ranks", "fixes the ranks"), ("calib_windows", "init", "replaces PCA")):
+        if args.method == "matryoshka" and getattr(args, other) and getattr(args, flag) != p.get_default(flag):
+            raise KVNestError(f"--{flag.replace('_', '-')} does not act with --{other} (it {why}); drop it")
+    if args.method == "gate" and args.init and not args.keeps:
         raise KVNestError("--init starts one gate for every keep from a gate trained at one: give --keeps too")
-    if args.init and args.new_keep is not None:
+    if args.method == "gate" and args.init and args.new_keep is not None:
         raise KVNestError("--init trains only the keep input's offsets, not the decoded-token head: drop --new-keep")
     if args.new_keep is not None and args.window < 1:
         raise KVNestError("--new-keep needs --window >= 1 (how many queries see a decoded token before it is "
@@ -329,7 +353,8 @@ def main(argv=None):
     if args.method == "matryoshka":
         calib = mixed_windows(sources, window, args.calib_windows)
         proj = train_matryoshka(model, sources, cfg, args.out, meta, args.resume, calib, **fit_kw)
-        table = None if args.no_table else budget_table(model, proj, eval_windows(tok, args.eval_data, 6, window))
+        table = None if args.no_table else budget_table(model, proj, eval_windows(tok, args.eval_data, 6, window),
+                                                        args.ranks, args.init)
     else:
         if not args.ctx_len < args.seq_len - 1:
             raise KVNestError(f"--ctx-len {args.ctx_len} must leave continuation tokens in --seq-len {args.seq_len}")

@@ -52,7 +52,7 @@ def run_config(**overrides) -> dict:
     cfg = dict(method="matryoshka", key_mode="pre_rope", seq_len=32, batch=2, lr=1e-2, warmup=0.1, clip=1.0,
                kl_weight=1.0, ce_weight=0.0, rank_step=4, seed=0, steps=30, calib_windows=2, data=None, keep=0.5,
                keep_weight=10.0, ctx_len=384, protocol="after", sft=None, keeps=None, window=0, new_keep=None,
-               gumbel=None, init=None)
+               gumbel=None, init=None, ranks=None)
     cfg.update(overrides)
     assert set(cfg) == set(RUN_FLAGS)
     return cfg

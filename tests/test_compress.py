@@ -216,10 +216,10 @@ def test_swap_refine_with_check_windows_keeps_only_swaps_they_agree_with(llama):
     assert checked["check_kl"] < checked["start"]["check_kl"] and checked["kl"] < checked["start"]["kl"]
 
 
-def kl_at_half_budget(model, proj, x):
+def kl_at_half_budget(model, proj, x, ranks=None):
     with torch.no_grad():
         ref = model(x).log_softmax(-1)
-        out = compressed(model, x, proj.features(*uniform_ranks(model, 0.5))).log_softmax(-1)
+        out = compressed(model, x, proj.features(*(ranks or uniform_ranks(model, 0.5)))).log_softmax(-1)
         return (ref.exp() * (ref - out)).sum(-1).mean().item()
 
 
@@ -231,6 +231,30 @@ def test_a_few_training_steps_lower_the_loss(tiny_llama, tmp_path):
     proj = train_matryoshka(model, [(ids, 1.0)], run_config(), tmp_path / "p.safetensors", {},
                             calib=ids[:512].view(4, 128))
     assert kl_at_half_budget(model, proj, held_out) < 0.9 * before
+
+
+def test_fixed_ranks_fine_tune_trained_projections_for_one_plan(tiny_llama, tmp_path, monkeypatch):
+    """train.py --init PROJ --ranks RANKS: the run starts from PROJ (at a vanishing lr it ends there), never draws
+    ranks, and lowers the KL at the plan's ranks (half the bytes, unevenly split) below PROJ's and below what the
+    same steps with ranks drawn (Matryoshka training continued from PROJ) reach there."""
+    model, ids = load_model(tiny_llama[0]), tokens(100, 1)[0].repeat(20)
+    held_out, calib = ids[:400].view(4, 100)[:, :32], ids[:512].view(4, 128)
+    base_path, ranks_path = tmp_path / "base.safetensors", tmp_path / "ranks.json"
+    base = train_matryoshka(model, [(ids, 1.0)], run_config(), base_path, {}, calib=calib)
+    plan = ([[2, 14], [6, 10]], [[12, 4], [8, 8]])  # 64 of 128 rank units: a 50% budget
+    ranks_path.write_text(json.dumps({"model": model.fingerprint(), "target": "0.5",
+                                      "budgets": {"0.5": {"k": plan[0], "v": plan[1]}}}))
+    monkeypatch.setattr("train.sample_ranks", lambda *a: pytest.fail("a --ranks run drew ranks"))
+    cfg = run_config(init=str(base_path), ranks=str(ranks_path))
+    still = train_matryoshka(model, [(ids, 1.0)], dict(cfg, lr=1e-12, steps=2), tmp_path / "still.safetensors", {})
+    for name in ("U0_k", "U0_v", "W_k", "W_v", "b_v"):
+        torch.testing.assert_close(getattr(still, name), getattr(base, name), rtol=0, atol=1e-9)
+    tuned = train_matryoshka(model, [(ids, 1.0)], cfg, tmp_path / "tuned.safetensors", {})
+    monkeypatch.undo()
+    drawn = train_matryoshka(model, [(ids, 1.0)], dict(cfg, ranks=None), tmp_path / "drawn.safetensors", {})
+    kl = {name: kl_at_half_budget(model, p, held_out, tuple(torch.tensor(r) for r in plan))
+          for name, p in (("base", base), ("tuned", tuned), ("drawn", drawn))}
+    assert kl["tuned"] < 0.9 * kl["base"] and kl["tuned"] < kl["drawn"], kl  # drawn: the same steps, ranks drawn
 
 
 def test_resume_gives_the_same_steps_as_an_uninterrupted_run(tiny_llama, tmp_path):
@@ -323,6 +347,11 @@ def test_scripts_end_to_end_on_a_tiny_model(tiny_llama, word_text, tmp_path):
     target = json.loads(Path(ranks).read_text())["budgets"]["0.25"]
     assert target["kl"] <= target["start"]["kl"] and "Swap refinement at 25.0%" in Path(ranks).with_suffix(
         ".md").read_text()
+    tuned = str(tmp_path / "tuned.safetensors")  # fine-tune at the 25% ranks; the closing table scores them
+    table = run("train.py", *common, "--eval-data", str(word_text), "--steps", "2", "--seq-len", "32", "--init",
+                ckpt, "--ranks", ranks, "--out", tuned)
+    assert f"| 25.0%, {ranks} |" in table and "| start (--init) ppl (KL) |" in table
+    assert load_projections(tuned, load_model(folder))[1]["config"]["ranks"] == ranks
     refined = str(tmp_path / "refined.json")  # refine the greedy's 37.5% ranks without a new search
     run("search.py", *common, "--projections", ckpt, "--budget", "0.375", "--calib-len", "32", "--refine", "1",
         "--start", ranks, "--refine-check", "2", "--out", refined)
