@@ -351,7 +351,7 @@ def main(argv=None):
     meta, fit_kw = {"base_model": folder}, {"save_every": args.save_every}
     window = min(512, context)  # calibration and closing-table windows
     if args.method == "matryoshka":
-        calib = mixed_windows(sources, window, args.calib_windows)
+        calib = None if args.init else mixed_windows(sources, window, args.calib_windows)  # for the PCA start
         proj = train_matryoshka(model, sources, cfg, args.out, meta, args.resume, calib, **fit_kw)
         table = None if args.no_table else budget_table(model, proj, eval_windows(tok, args.eval_data, 6, window),
                                                         args.ranks, args.init)

@@ -250,6 +250,8 @@ def test_fixed_ranks_fine_tune_trained_projections_for_one_plan(tiny_llama, tmp_
     for name in ("U0_k", "U0_v", "W_k", "W_v", "b_v"):
         torch.testing.assert_close(getattr(still, name), getattr(base, name), rtol=0, atol=1e-9)
     tuned = train_matryoshka(model, [(ids, 1.0)], cfg, tmp_path / "tuned.safetensors", {})
+    with pytest.raises(KVNestError, match="projects keys pre_rope; pass --key-mode pre_rope"):
+        train_matryoshka(model, [(ids, 1.0)], dict(cfg, key_mode="post_rope"), tmp_path / "other.safetensors", {})
     monkeypatch.undo()
     drawn = train_matryoshka(model, [(ids, 1.0)], dict(cfg, ranks=None), tmp_path / "drawn.safetensors", {})
     kl = {name: kl_at_half_budget(model, p, held_out, tuple(torch.tensor(r) for r in plan))
